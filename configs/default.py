@@ -1,0 +1,115 @@
+"""Base configuration: every knob with the official RD4AD / SK-RD4AD default.
+
+Not run directly; the dataset configs (mvtec.py, visa.py, vad.py, folder.py,
+demo.py, tiny.py) start from it. Any field can be overridden on the command line:
+
+  python -m skrd4ad_jax.main --config=configs/mvtec.py --config.train.epochs=100
+"""
+
+import ml_collections
+
+
+def get_config():
+  """The defaults shared by every dataset config."""
+  config = ml_collections.ConfigDict()
+  config.name = "default"
+  # RD4AD / SK-RD4AD seed every category with 111.
+  config.seed = 111
+
+  config.model = ml_collections.ConfigDict()
+  # 'sk_rd4ad' (skip-connected, the flagship), 'rd4ad', 'mrkd' or 'rd_expert'.
+  config.model.name = "sk_rd4ad"
+  # Frozen teacher: 'wide_resnet50_2' (the papers'), 'resnet50', 'resnet18', 'vgg16_hed'.
+  config.model.teacher = "wide_resnet50_2"
+  # '' = the default location ($SKRD4AD_CACHE/teachers), 'random' = random init, or a path.
+  config.model.teacher_weights = ""
+  # -1: by model name (sk_rd4ad on, rd4ad off); 0/1 forces the SK-RD4AD skips off/on.
+  config.model.skip_connections = -1
+  # 0 / () = the official value for the teacher (128 for wide_resnet50_2, else 64;
+  # OCE blocks 3 (2 for resnet18); decoder blocks (3, 4, 6) ((2, 2, 2) for resnet18)).
+  # anomalib's RD uses bottleneck_width_per_group=64 with wide_resnet50_2.
+  config.model.bottleneck_width_per_group = 0
+  config.model.decoder_width_per_group = 0
+  config.model.oce_blocks = 0
+  config.model.decoder_blocks = ()
+  # Compute dtype of teacher and student ('float32' or 'bfloat16'); parameters stay float32.
+  config.model.dtype = "float32"
+
+  config.loss = ml_collections.ConfigDict()
+  # 'flat_cosine' (official code: cosine of the flattened C*H*W vector per sample),
+  # 'pixel_cosine' (the papers' Eq.), 'mse' (SK-RD4AD --L2 1), 'mse_cosine' (--L2 2).
+  config.loss.kind = "flat_cosine"
+  # SK-RD4AD inter-level consistency weight: 0.005 in the official all-category
+  # recipe (0.05 for single-class runs); ignored when the skips are off (RD4AD).
+  config.loss.consistency_rate = 0.005
+
+  config.anomaly_map = ml_collections.ConfigDict()
+  config.anomaly_map.mode = "add"  # 'add' (official evaluation) or 'mul'
+  config.anomaly_map.sigma = 4.0  # Gaussian sigma in pixels; 0 disables
+  config.anomaly_map.truncate = 4.0  # scipy's default: 33 taps at sigma 4
+  # 'reflect' = scipy's (edge duplicated; official); 'mirror' = torch/anomalib's.
+  config.anomaly_map.blur_mode = "reflect"
+
+  config.train = ml_collections.ConfigDict()
+  config.train.epochs = 200
+  # Per-category epochs, e.g. 'carpet:10,leather:10' (RD++-style schedules).
+  config.train.category_epochs = ""
+  # > 0: a fixed number of steps per category instead of epochs (RD with Expert).
+  config.train.num_steps = 0
+  config.train.batch_size = 16
+  # Compute the frozen teacher's features of the training images once instead of
+  # every epoch (same numbers; RD4AD/SK-RD4AD only; host memory: N x features).
+  config.train.cache_teacher_features = False
+  config.train.learning_rate = 0.005
+  config.train.b1 = 0.5
+  config.train.b2 = 0.999
+  config.train.log_every_steps = 20
+  # Evaluate on the test set every N epochs (TensorBoard only; the results
+  # table always reports the last epoch). 0 = only at the end.
+  config.train.eval_every_epochs = 10
+  config.train.checkpoint_every_epochs = 10
+
+  config.data = ml_collections.ConfigDict()
+  # 'folder' (an MVTec-layout tree at data.root), 'tfds' (builders in
+  # data_pipelines/), or 'demo' (generated offline from scikit-image photos).
+  config.data.source = "folder"
+  config.data.dataset = "mvtec_ad"  # tfds builder name; also picks the published numbers
+  config.data.root = ""
+  config.data.categories = ()  # empty = every category found
+  config.data.image_size = 256
+  config.data.mask_threshold = 0.5
+  # Fraction of the normal training images held out to pick thresholds (never the test set).
+  config.data.val_fraction = 0.1
+  config.data.tfds_data_dir = ""
+  config.data.manual_dir = ""
+  config.data.shuffle_seed = 111
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 16
+  config.eval.fpr_limit = 0.3
+  config.eval.save_pictures = True
+  config.eval.tensorboard_pictures = 16  # heat-map overlays per evaluation in TensorBoard
+
+  config.thresholds = ml_collections.ConfigDict()
+  # 'val' = held-out normal training images (default), 'test' = the peers' optimistic
+  # convention (F1-optimal on the test set).
+  config.thresholds.source = "val"
+  # Normal-only rule: this quantile of normal image / pixel scores.
+  config.thresholds.normal_quantile = 0.99
+
+  config.parallel = ml_collections.ConfigDict()
+  # Devices that split one category's batch (mesh axis 'data'); the rest of the
+  # devices form the 'category' axis. 1 = categories only.
+  config.parallel.data_axis_size = 1
+  return config
+
+
+def parse_categories(arg, all_categories):
+  """``'bottle,cable'`` -> ('bottle', 'cable'); '' -> all; unknown names raise."""
+  if not arg:
+    return tuple(all_categories)
+  wanted = tuple(c.strip() for c in arg.split(",") if c.strip())
+  unknown = [c for c in wanted if c not in all_categories]
+  if unknown:
+    raise ValueError(f"Unknown categories {unknown}; choose from {list(all_categories)}.")
+  return wanted

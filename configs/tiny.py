@@ -1,0 +1,35 @@
+"""A tiny configuration for tests: resnet18 with a random teacher, 64x64 images.
+
+  python -m skrd4ad_jax.main --config=configs/tiny.py --config.data.root=DIR
+
+``DIR`` is any MVTec-layout tree; the tests make one with
+``data_pipelines.demo_data.ensure_demo_dataset``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg=""):
+  config = default.get_config()
+  config.name = "tiny"
+  config.seed = 0
+  config.model.teacher = "resnet18"
+  config.model.teacher_weights = "random"
+  config.data.source = "folder"
+  config.data.dataset = "folder"
+  config.data.root = os.environ.get("SKRD4AD_TINY_ROOT", "")
+  config.data.categories = tuple(c.strip() for c in arg.split(",") if c.strip())
+  config.data.image_size = 64
+  config.data.val_fraction = 0.25
+  config.train.epochs = 2
+  config.train.batch_size = 4
+  config.train.log_every_steps = 2
+  config.train.eval_every_epochs = 0
+  config.train.checkpoint_every_epochs = 1
+  config.eval.batch_size = 8
+  config.eval.tensorboard_pictures = 4
+  return config

@@ -1,0 +1,27 @@
+"""VisA, 12 categories, built by the tfds builder from the raw archive + split_csv/1cls.csv.
+
+  python -m skrd4ad_jax.main --config=configs/visa.py --config.data.manual_dir=/data/visa_raw
+  python -m skrd4ad_jax.main --config=configs/visa.py:pcb1,pcb2 --config.data.manual_dir=...
+
+``manual_dir`` holds the extracted VisA archive (``<class>/Data/...`` and
+``split_csv/1cls.csv``). Needs the torchvision wide_resnet50_2 teacher.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+              "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+
+
+def get_config(arg=""):
+  config = default.get_config()
+  config.name = "visa"
+  config.data.source = "tfds"
+  config.data.dataset = "visa"
+  config.data.manual_dir = os.environ.get("VISA_ROOT", "")
+  config.data.categories = default.parse_categories(arg, CATEGORIES)
+  return config

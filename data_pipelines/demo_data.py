@@ -1,0 +1,506 @@
+"""Offline demo data set built from the CC0 texture photos shipped with scikit-image.
+
+The demo needs an anomaly-detection data set that (a) loads without a network,
+(b) trains in minutes on a CPU and (c) is *honest*: most of its defects keep the
+colour statistics of the texture, so that a non-learned detector comparing local
+colour statistics with the training images (see
+`skrd4ad_jax.baseline.colour_statistics_baseline`) does not solve it.
+
+Three categories are cut from the real 512x512 grayscale photos
+`skimage.data.brick()`, `grass()` and `gravel()`. Every image is a
+`crop_size` x `crop_size` crop, resized (bilinear, anti-aliased) to
+`image_size`, with a small per-image gain/offset jitter, replicated to three
+channels (RGB). Training crops come from the top of the photo, test crops from a
+disjoint band at the bottom, so that no test pixel was seen in training.
+
+Defect kinds (one instance per image, drawn at crop resolution, sized so that the
+defect is still >= ~15 px wide after resizing to 64 px):
+
+* `distortion`: a local smooth elastic warp (a swirl with compact support):
+  the pattern bends, grey values are only moved.
+* `misorientation`: a disk-shaped patch rotated in place by 90/270 degrees or
+  transposed (exact pixel permutation, no interpolation).
+* `misplaced`: a patch copied from another place of the same photo at a
+  different scale (1.6-2x zoom), so the grain/brick size does not fit.
+* `missing`: the pattern vanishes in a region: it is replaced by structureless
+  grain with the same local mean and standard deviation as the original.
+* `scratch`: a thin (~3 px at 128 px), long, smoothly curved, low-contrast
+  line (amplitude ~0.6-0.9 of the texture's standard deviation).
+* `stain`: an easy, colour-changing control: a darker soft blob.
+
+Ground truth: a defect is rendered on the clean crop, both are resized and
+quantised to uint8 exactly as the written image, and the mask is
+`fill_holes(|defective - clean| > MASK_EPS)` - i.e. exactly the pixels that
+changed by more than `MASK_EPS` grey levels, plus pixels fully enclosed by
+changed pixels (a rotated or re-synthesised patch can coincide with the
+original at isolated pixels; these still belong to the defect). Nothing outside
+the defect's support changes.
+
+The tree follows the MVTec AD layout::
+
+  <root>/manifest.json
+  <root>/<category>/train/good/000.png
+  <root>/<category>/test/good/000.png
+  <root>/<category>/test/<defect>/000.png
+  <root>/<category>/ground_truth/<defect>/000_mask.png   (255 = defect)
+
+Generation is deterministic (byte-identical PNGs for the same parameters) and
+idempotent: `manifest.json` records the parameters and `DATASET_VERSION`; the
+tree is regenerated only when it is missing or the parameters differ. A new tree
+is written into a temporary sibling directory and renamed into place, so an
+interrupted run never leaves a half tree that looks complete.
+"""
+
+import json
+import os
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+DEMO_CATEGORIES = ("brick", "grass", "gravel")
+DEFECT_KINDS = (
+    "distortion", "misorientation", "misplaced", "missing", "scratch", "stain")
+# Kinds that keep the local colour statistics (mean/std) of the texture.
+STATISTICS_PRESERVING_KINDS = (
+    "distortion", "misorientation", "misplaced", "missing")
+DATASET_VERSION = 1
+# A pixel counts as changed when |defective - clean| > MASK_EPS grey levels
+# (uint8, after resizing and quantisation).
+MASK_EPS = 3
+# Defect geometry below is specified for a 192 px crop and scaled with it.
+_REF_CROP = 192.0
+_PHOTO_SIZE = 512
+_SPLIT_IDS = {"train": 0, "test_good": 1}
+
+
+def default_root() -> str:
+  """Returns `$SKRD4AD_CACHE/demo` or `~/.cache/skrd4ad_jax/demo`."""
+  cache = os.environ.get("SKRD4AD_CACHE")
+  if not cache:
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "skrd4ad_jax")
+  return os.path.join(cache, "demo")
+
+
+def load_photo(category: str) -> np.ndarray:
+  """Loads a scikit-image texture photo as float32 [512, 512] in [0, 255]."""
+  if category not in DEMO_CATEGORIES:
+    raise ValueError(f"Unknown demo category {category!r}; "
+                     f"expected one of {DEMO_CATEGORIES}.")
+  from skimage import data as skdata  # pylint: disable=g-import-not-at-top
+  photo = np.asarray(getattr(skdata, category)(), dtype=np.float32)
+  if photo.ndim == 3:
+    photo = photo[..., :3].mean(axis=-1)
+  return photo
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+  """A generator that depends only on (seed, keys), not on call order."""
+  return np.random.default_rng([int(seed), *[int(k) for k in keys]])
+
+
+def _split_rows(crop_size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+  """Ranges of crop top rows for train and test; the two bands are disjoint."""
+  test_lo = _PHOTO_SIZE - crop_size - 32
+  train_hi = test_lo - 8 - crop_size  # last train row ends 8 px above test.
+  if train_hi < 0:
+    raise ValueError(f"crop_size={crop_size} is too large for a disjoint split.")
+  return (0, train_hi), (test_lo, _PHOTO_SIZE - crop_size)
+
+
+def sample_crop(photo: np.ndarray, rng: np.random.Generator, split: str,
+                crop_size: int = 192) -> np.ndarray:
+  """Cuts a random crop from the train (top) or test (bottom) band."""
+  train_rows, test_rows = _split_rows(crop_size)
+  lo, hi = train_rows if split == "train" else test_rows
+  y = int(rng.integers(lo, hi + 1))
+  x = int(rng.integers(0, photo.shape[1] - crop_size + 1))
+  return photo[y:y + crop_size, x:x + crop_size].astype(np.float32)
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear (anti-aliased when shrinking) resize of a float [H, W] image."""
+  if img.shape == (size, size):
+    return img.astype(np.float32)
+  pil = Image.fromarray(img.astype(np.float32), mode="F")
+  return np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.float32)
+
+
+def render(crop: np.ndarray, image_size: int, gain: float = 1.0,
+           offset: float = 0.0) -> np.ndarray:
+  """Resizes, jitters and quantises a gray crop to uint8 RGB [S, S, 3]."""
+  img = _resize(crop, image_size) * gain + offset
+  img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+  return np.repeat(img[..., None], 3, axis=-1)
+
+
+def defect_mask(clean: np.ndarray, defective: np.ndarray,
+                eps: int = MASK_EPS) -> np.ndarray:
+  """Mask of changed pixels: `fill_holes(max_c |defective - clean| > eps)`."""
+  diff = np.abs(defective.astype(np.int16) - clean.astype(np.int16))
+  if diff.ndim == 3:
+    diff = diff.max(axis=-1)
+  return ndi.binary_fill_holes(diff > eps)
+
+
+# ----------------------------------------------------------------------------
+# Defect synthesis, all on a float gray crop [C, C] (values ~[0, 255]).
+# ----------------------------------------------------------------------------
+
+
+def _centre(rng, size, radius):
+  margin = int(np.ceil(radius)) + 6
+  return (float(rng.uniform(margin, size - margin)),
+          float(rng.uniform(margin, size - margin)))
+
+
+def _soft_ellipse(shape, cy, cx, ry, rx, theta, edge):
+  """Alpha in [0, 1]: 1 inside the ellipse, linear ramp of ~`edge` px, 0 out."""
+  yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float32)
+  dy, dx = yy - cy, xx - cx
+  c, s = np.cos(theta), np.sin(theta)
+  u = (c * dx + s * dy) / rx
+  v = (-s * dx + c * dy) / ry
+  r = np.sqrt(u * u + v * v)
+  return np.clip((1.0 - r) * min(rx, ry) / max(edge, 1e-3), 0.0, 1.0)
+
+
+def _blend(base, patch, alpha):
+  return base * (1.0 - alpha) + patch * alpha
+
+
+def _distortion(crop, rng, photo):
+  """Swirl with compact support: rotation angle theta_max * (1 - r/R)^2."""
+  del photo
+  k = crop.shape[0] / _REF_CROP
+  radius = rng.uniform(30, 38) * k
+  cy, cx = _centre(rng, crop.shape[0], radius)
+  theta_max = rng.uniform(2.5, 3.5) * rng.choice([-1.0, 1.0])
+  yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]].astype(np.float64)
+  dy, dx = yy - cy, xx - cx
+  r = np.sqrt(dy * dy + dx * dx)
+  ang = theta_max * np.clip(1.0 - r / radius, 0.0, 1.0) ** 2
+  c, s = np.cos(ang), np.sin(ang)
+  sy = cy + c * dy - s * dx
+  sx = cx + s * dy + c * dx
+  warped = ndi.map_coordinates(crop.astype(np.float64), [sy, sx], order=3,
+                               mode="reflect")
+  return np.where(r < radius, warped, crop).astype(np.float32)
+
+
+def orientation_coherence(img: np.ndarray, sigma: float = 4.0) -> float:
+  """Global structure-tensor coherence in [0, 1] (0: isotropic texture)."""
+  img = np.asarray(img, np.float64)
+  gy, gx = ndi.sobel(img, 0), ndi.sobel(img, 1)
+  jxx, jyy, jxy = (ndi.gaussian_filter(a, sigma).mean()
+                   for a in (gx * gx, gy * gy, gx * gy))
+  return float(np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-9))
+
+
+def _misorientation(crop, rng, photo):
+  """A disk of texture with the wrong orientation.
+
+  Oriented textures (brick): the disk is rotated in place by 90/270 degrees or
+  transposed (an exact pixel permutation). Isotropic textures (grass, gravel;
+  coherence < 0.3), where a rotation is invisible: the disk is given an
+  orientation - its content is stretched 2.2-2.8x along a random direction
+  ("combed" grass, elongated stones).
+  """
+  k = crop.shape[0] / _REF_CROP
+  radius = rng.uniform(26, 34) * k
+  cy, cx = _centre(rng, crop.shape[0], radius)
+  op = int(rng.integers(3))
+  stretch = rng.uniform(2.2, 2.8)
+  ang = rng.uniform(0, np.pi)
+  if orientation_coherence(photo) >= 0.3:
+    half = int(np.ceil(radius)) + 1
+    y0, x0 = int(round(cy)) - half, int(round(cx)) - half
+    box = crop[y0:y0 + 2 * half, x0:x0 + 2 * half]
+    moved = np.rot90(box, 1 if op == 0 else 3) if op < 2 else box.T
+    patch = crop.copy()
+    patch[y0:y0 + 2 * half, x0:x0 + 2 * half] = moved
+    cy, cx = y0 + half - 0.5, x0 + half - 0.5
+  else:
+    yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]].astype(np.float64)
+    dy, dx = yy - cy, xx - cx
+    u = np.cos(ang) * dx + np.sin(ang) * dy  # Along the stretch direction.
+    v = -np.sin(ang) * dx + np.cos(ang) * dy
+    u /= stretch
+    sy = cy + np.sin(ang) * u + np.cos(ang) * v
+    sx = cx + np.cos(ang) * u - np.sin(ang) * v
+    patch = ndi.map_coordinates(crop.astype(np.float64), [sy, sx], order=3,
+                                mode="reflect")
+  alpha = _soft_ellipse(crop.shape, cy, cx, radius, radius, 0.0, 2.0 * k)
+  return _blend(crop, patch, alpha).astype(np.float32)
+
+
+def _misplaced(crop, rng, photo):
+  """A patch from elsewhere in the photo, zoomed 1.6-2x, pasted in."""
+  k = crop.shape[0] / _REF_CROP
+  ry, rx = rng.uniform(24, 34, size=2) * k
+  theta = rng.uniform(0, np.pi)
+  radius = max(ry, rx)
+  cy, cx = _centre(rng, crop.shape[0], radius)
+  zoom = rng.uniform(2.0, 2.6)
+  size = crop.shape[0]
+  src = int(np.ceil(size / zoom)) + 4
+  sy0 = int(rng.integers(0, photo.shape[0] - src + 1))
+  sx0 = int(rng.integers(0, photo.shape[1] - src + 1))
+  yy, xx = np.mgrid[:size, :size].astype(np.float64)
+  # Zoomed source sampled so that the defect centre maps to the source centre.
+  sy = sy0 + src / 2.0 + (yy - cy) / zoom
+  sx = sx0 + src / 2.0 + (xx - cx) / zoom
+  patch = ndi.map_coordinates(photo.astype(np.float64), [sy, sx], order=3,
+                              mode="reflect")
+  # Keep the local brightness level of the destination (statistics-preserving).
+  patch = patch - patch.mean() + crop.mean()
+  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 2.0 * k)
+  return _blend(crop, patch, alpha).astype(np.float32)
+
+
+def _missing(crop, rng, photo):
+  """Pattern replaced by structureless grain with matched local mean/std."""
+  del photo
+  k = crop.shape[0] / _REF_CROP
+  ry, rx = rng.uniform(24, 34, size=2) * k
+  theta = rng.uniform(0, np.pi)
+  cy, cx = _centre(rng, crop.shape[0], max(ry, rx))
+  img = crop.astype(np.float64)
+  sigma = 8.0 * k
+  mean = ndi.gaussian_filter(img, sigma)
+  std = np.sqrt(np.maximum(ndi.gaussian_filter(img * img, sigma) - mean ** 2,
+                           1.0))
+  noise = ndi.gaussian_filter(rng.standard_normal(img.shape), float(os.environ.get("GRAIN", "1.2")) * k)
+  noise /= noise.std()
+  patch = mean + std * noise
+  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 3.0 * k)
+  return _blend(img, patch, alpha).astype(np.float32)
+
+
+def _scratch(crop, rng, photo):
+  """A thin, long, smoothly curved, low-contrast line (quadratic Bezier)."""
+  del photo
+  k = crop.shape[0] / _REF_CROP
+  size = crop.shape[0]
+  length = rng.uniform(110, 150) * k
+  ang = rng.uniform(0, np.pi)
+  margin = 0.5 * length + 10 * k
+  cy, cx = rng.uniform(margin, size - margin, size=2)
+  d = np.array([np.sin(ang), np.cos(ang)]) * length / 2
+  p0, p2 = np.array([cy, cx]) - d, np.array([cy, cx]) + d
+  normal = np.array([-d[1], d[0]]) / (length / 2)
+  p1 = np.array([cy, cx]) + normal * rng.uniform(-0.25, 0.25) * length
+  t = np.linspace(0.0, 1.0, 400)[:, None]
+  pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+  # Distance of every pixel to the polyline samples (via a distance transform).
+  seeds = np.ones((size, size), bool)
+  iy = np.clip(np.rint(pts[:, 0]).astype(int), 0, size - 1)
+  ix = np.clip(np.rint(pts[:, 1]).astype(int), 0, size - 1)
+  seeds[iy, ix] = False
+  dist = ndi.distance_transform_edt(seeds)
+  width_sigma = 1.8 * k
+  profile = np.exp(-0.5 * (dist / width_sigma) ** 2)
+  profile[dist > 3.0 * width_sigma] = 0.0
+  local_std = float(crop.std())
+  amp = rng.uniform(0.9, 1.2) * local_std * rng.choice([-1.0, 1.0])
+  return (crop + amp * profile).astype(np.float32)
+
+
+def _stain(crop, rng, photo):
+  """An easy, colour-changing control defect: a darker soft blob."""
+  del photo
+  k = crop.shape[0] / _REF_CROP
+  ry, rx = rng.uniform(22, 32, size=2) * k
+  theta = rng.uniform(0, np.pi)
+  cy, cx = _centre(rng, crop.shape[0], max(ry, rx))
+  factor = rng.uniform(0.5, 0.65)
+  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 6.0 * k)
+  return (crop * (1.0 - alpha * (1.0 - factor))).astype(np.float32)
+
+
+_DEFECT_FNS = {
+    "distortion": _distortion,
+    "misorientation": _misorientation,
+    "misplaced": _misplaced,
+    "missing": _missing,
+    "scratch": _scratch,
+    "stain": _stain,
+}
+
+
+def apply_defect(crop: np.ndarray, kind: str, rng: np.random.Generator,
+                 photo: Optional[np.ndarray] = None) -> np.ndarray:
+  """Draws one defect of `kind` on a float gray crop; returns a new crop.
+
+  Args:
+    crop: float [C, C] gray crop, values in [0, 255].
+    kind: one of `DEFECT_KINDS`.
+    rng: random generator (all randomness of the defect).
+    photo: the full photo, source of `misplaced` patches (defaults to `crop`).
+
+  Returns:
+    float32 [C, C] defective crop (unchanged outside the defect's support).
+  """
+  if kind not in _DEFECT_FNS:
+    raise ValueError(f"Unknown defect kind {kind!r}; expected {DEFECT_KINDS}.")
+  photo = crop if photo is None else photo
+  return _DEFECT_FNS[kind](np.asarray(crop, np.float32), rng, photo)
+
+
+def make_defect_example(
+    crop: np.ndarray, kind: str, rng: np.random.Generator, image_size: int,
+    photo: Optional[np.ndarray] = None, gain: float = 1.0, offset: float = 0.0
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Renders (clean uint8 RGB, defective uint8 RGB, bool mask [S, S])."""
+  clean = render(crop, image_size, gain, offset)
+  defective = render(apply_defect(crop, kind, rng, photo), image_size, gain,
+                     offset)
+  return clean, defective, defect_mask(clean, defective)
+
+
+def _jitter(rng):
+  return float(rng.uniform(0.94, 1.06)), float(rng.uniform(-4.0, 4.0))
+
+
+def generate_category(category: str, seed: int = 0, image_size: int = 128,
+                      num_train: int = 48, num_test_good: int = 10,
+                      num_test_per_defect: int = 5, crop_size: int = 192
+                      ) -> Dict[str, list]:
+  """Generates one category in memory.
+
+  Returns:
+    dict with `train` -> list of uint8 RGB images, `test/good` -> list, and for
+    each defect kind `test/<kind>` -> list of (image, bool mask) pairs.
+  """
+  photo = load_photo(category)
+  cid = DEMO_CATEGORIES.index(category)
+  out = {}
+
+  def clean_sample(split_id, i, split):
+    rng = _rng(seed, cid, split_id, i)
+    crop = sample_crop(photo, rng, split, crop_size)
+    gain, offset = _jitter(rng)
+    return render(crop, image_size, gain, offset)
+
+  out["train"] = [clean_sample(_SPLIT_IDS["train"], i, "train")
+                  for i in range(num_train)]
+  out["test/good"] = [clean_sample(_SPLIT_IDS["test_good"], i, "test")
+                      for i in range(num_test_good)]
+  for j, kind in enumerate(DEFECT_KINDS):
+    samples = []
+    for i in range(num_test_per_defect):
+      rng = _rng(seed, cid, 10 + j, i)
+      crop = sample_crop(photo, rng, "test", crop_size)
+      gain, offset = _jitter(rng)
+      for _ in range(20):  # Redraw the (rare) defect that vanishes when resized.
+        _, img, mask = make_defect_example(crop, kind, rng, image_size, photo,
+                                           gain, offset)
+        if mask.sum() >= 0.004 * image_size * image_size:
+          break
+      samples.append((img, mask))
+    out[f"test/{kind}"] = samples
+  return out
+
+
+def _save_png(path, array):
+  Image.fromarray(array).save(path, format="PNG", optimize=False)
+
+
+def _write_tree(tmp_root, params):
+  for category in params["categories"]:
+    data = generate_category(
+        category, seed=params["seed"], image_size=params["image_size"],
+        num_train=params["num_train"], num_test_good=params["num_test_good"],
+        num_test_per_defect=params["num_test_per_defect"],
+        crop_size=params["crop_size"])
+    base = os.path.join(tmp_root, category)
+    for sub in ("train/good", "test/good"):
+      os.makedirs(os.path.join(base, sub))
+    for i, img in enumerate(data["train"]):
+      _save_png(os.path.join(base, "train", "good", f"{i:03d}.png"), img)
+    for i, img in enumerate(data["test/good"]):
+      _save_png(os.path.join(base, "test", "good", f"{i:03d}.png"), img)
+    for kind in params["defect_kinds"]:
+      os.makedirs(os.path.join(base, "test", kind))
+      os.makedirs(os.path.join(base, "ground_truth", kind))
+      for i, (img, mask) in enumerate(data[f"test/{kind}"]):
+        _save_png(os.path.join(base, "test", kind, f"{i:03d}.png"), img)
+        _save_png(os.path.join(base, "ground_truth", kind, f"{i:03d}_mask.png"),
+                  mask.astype(np.uint8) * 255)
+  with open(os.path.join(tmp_root, "manifest.json"), "w") as f:
+    json.dump(params, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _read_manifest(root):
+  try:
+    with open(os.path.join(root, "manifest.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
+                        image_size: int = 128, num_train: int = 48,
+                        num_test_good: int = 10, num_test_per_defect: int = 5,
+                        crop_size: int = 192) -> str:
+  """Writes the demo data set once (MVTec layout) and returns its root.
+
+  Args:
+    root: target directory; defaults to `default_root()`. Must be absent, empty
+      or a tree written by this function (it is replaced when the parameters
+      differ).
+    seed: random seed; the same parameters give byte-identical files.
+    image_size: side of the written square images.
+    num_train: normal training images per category.
+    num_test_good: normal test images per category.
+    num_test_per_defect: test images per defect kind and category.
+    crop_size: side of the photo crop (192 of 512 px by default) that is
+      resized to `image_size`.
+
+  Returns:
+    The data set root (containing one directory per `DEMO_CATEGORIES`).
+  """
+  root = os.path.abspath(os.path.expanduser(root or default_root()))
+  params = {
+      "version": DATASET_VERSION,
+      "seed": int(seed),
+      "image_size": int(image_size),
+      "num_train": int(num_train),
+      "num_test_good": int(num_test_good),
+      "num_test_per_defect": int(num_test_per_defect),
+      "crop_size": int(crop_size),
+      "categories": list(DEMO_CATEGORIES),
+      "defect_kinds": list(DEFECT_KINDS),
+      "mask_eps": MASK_EPS,
+      "source": "skimage.data.{brick,grass,gravel} (CC0)",
+  }
+  if _read_manifest(root) == params:
+    return root
+  if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
+    raise FileExistsError(
+        f"{root} exists, is not empty and has no demo manifest.json; refusing "
+        "to overwrite it. Pass another root.")
+  parent = os.path.dirname(root)
+  os.makedirs(parent, exist_ok=True)
+  tmp_root = tempfile.mkdtemp(prefix=".demo-tmp-", dir=parent)
+  try:
+    _write_tree(tmp_root, params)
+    if os.path.isdir(root):  # Stale (other parameters) or empty: move aside.
+      if _read_manifest(root) == params:  # Written concurrently meanwhile.
+        return root
+      stale = tempfile.mkdtemp(prefix=".demo-stale-", dir=parent)
+      os.rename(root, os.path.join(stale, "old"))
+      shutil.rmtree(stale, ignore_errors=True)
+    try:
+      os.rename(tmp_root, root)
+    except OSError:
+      if _read_manifest(root) != params:  # Lost a race to another writer.
+        raise
+  finally:
+    shutil.rmtree(tmp_root, ignore_errors=True)
+  return root

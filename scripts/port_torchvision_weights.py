@@ -1,0 +1,50 @@
+r"""Ports a torchvision ResNet checkpoint to the project's teacher format (.npz).
+
+Usage:
+  # With network: download IMAGENET1K_V1, verify its hash, port it into the cache.
+  python scripts/port_torchvision_weights.py --arch wide_resnet50_2 --download
+  # Offline: port a file downloaded by hand (.pth needs torch; .safetensors does not).
+  python scripts/port_torchvision_weights.py --arch wide_resnet50_2 \
+      --input wide_resnet50_2-95faca4d.pth --output ~/.cache/skrd4ad_jax/teachers
+
+The output is ``<output>/<arch>.npz``, which ``teachers.load_teacher(arch)``
+finds by default when ``--output`` is the cache dir (``$SKRD4AD_CACHE/teachers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo importable without installing it
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from skrd4ad_jax import porting, teachers  # pylint: disable=wrong-import-position
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--arch", required=True, choices=porting.TORCHVISION_ARCHS)
+  parser.add_argument("--input", help="torchvision .pth/.pt or .safetensors state dict")
+  parser.add_argument("--output", default=None,
+                      help="output folder (default: $SKRD4AD_CACHE/teachers)")
+  parser.add_argument("--download", action="store_true",
+                      help="download the official IMAGENET1K_V1 checkpoint into --output")
+  args = parser.parse_args(argv)
+  if bool(args.input) == args.download:
+    parser.error("give exactly one of --input FILE and --download")
+  output = pathlib.Path(args.output).expanduser() if args.output else teachers.cache_dir()
+  source = (porting.download_torchvision_weights(args.arch, output) if args.download
+            else pathlib.Path(args.input).expanduser())
+  variables = porting.torchvision_to_flax(porting.read_state_dict(source), args.arch)
+  path = porting.save_teacher_variables(output / f"{args.arch}.npz", variables, args.arch)
+  print(f"Ported {source} -> {path}")
+  return path
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except (RuntimeError, ValueError, ImportError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")

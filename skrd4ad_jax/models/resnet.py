@@ -1,0 +1,165 @@
+"""torchvision ResNet v1.5 teachers (layers 1-3) and their residual blocks.
+
+The teachers reproduce ``torchvision.models.resnet18 / resnet50 /
+wide_resnet50_2`` up to ``layer3``: the RD family reads only the layer1-3
+features, so ``layer4`` is never computed. Submodule names follow the state-dict
+keys of torchvision with a numeric token joined to the previous one by ``_``
+(``layer1.0.downsample.1`` -> ``layer1_0/downsample_1``), which makes porting a
+dict rename (see ``skrd4ad_jax.porting``).
+
+``BasicBlock`` and ``Bottleneck`` are reusable: the trainable RD bottleneck
+(OCBE) builds torchvision-style blocks with ``train=True`` (batch statistics)
+and Kaiming fan-out init; the teacher uses ``train=False`` (running statistics).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+
+from skrd4ad_jax.models import layers
+
+# Output channels of the stages layer1..layer4 before the block expansion.
+STAGE_PLANES = (64, 128, 256, 512)
+
+
+class BasicBlock(nn.Module):
+  """torchvision ``BasicBlock``: 3x3 conv - BN - ReLU - 3x3 conv - BN, + shortcut, ReLU.
+
+  Attributes:
+    planes: Output channels (``expansion`` = 1).
+    stride: Stride of the first 3x3 conv and of the shortcut conv.
+    downsample: Whether the shortcut is ``conv1x1(stride) + BN`` (named
+      ``downsample_0`` / ``downsample_1``) instead of the identity.
+    train: BatchNorm on batch statistics (True) or running statistics (False).
+    dtype: Computation dtype (None: the input's / float32).
+  """
+
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  train: bool = False
+  dtype: Any = None
+
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H/s, W/s, planes]
+    y = layers.conv(self.planes, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(layers.batch_norm(self.train, name="bn1", dtype=self.dtype)(y))
+    y = layers.conv(self.planes, 3, 1, name="conv2", dtype=self.dtype)(y)
+    y = layers.batch_norm(self.train, name="bn2", dtype=self.dtype)(y)
+    if self.downsample:
+      x = layers.conv(self.planes, 1, self.stride, name="downsample_0", dtype=self.dtype)(x)
+      x = layers.batch_norm(self.train, name="downsample_1", dtype=self.dtype)(x)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """torchvision ``Bottleneck`` (v1.5: the stride sits on the 3x3 conv).
+
+  ``conv1 1x1 (C -> width) - BN - ReLU - conv2 3x3 stride s (width -> width) - BN -
+  ReLU - conv3 1x1 (width -> 4 * planes) - BN``, + shortcut, ReLU. All convs are
+  bias-free.
+
+  Attributes:
+    planes: Stage planes; the block outputs ``4 * planes`` channels.
+    stride: Stride of ``conv2`` and of the shortcut conv.
+    width: Inner width (None: ``planes``; WideResNet-50-2 uses ``2 * planes``).
+    downsample: Whether the shortcut is ``conv1x1(stride) + BN``.
+    train: BatchNorm on batch statistics (True) or running statistics (False).
+    dtype: Computation dtype (None: the input's / float32).
+  """
+
+  planes: int
+  stride: int = 1
+  width: int | None = None
+  downsample: bool = False
+  train: bool = False
+  dtype: Any = None
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H/s, W/s, 4 * planes]
+    width = self.width or self.planes
+    out = self.planes * self.expansion
+    y = layers.conv(width, 1, 1, name="conv1", dtype=self.dtype)(x)
+    y = nn.relu(layers.batch_norm(self.train, name="bn1", dtype=self.dtype)(y))
+    y = layers.conv(width, 3, self.stride, name="conv2", dtype=self.dtype)(y)
+    y = nn.relu(layers.batch_norm(self.train, name="bn2", dtype=self.dtype)(y))
+    y = layers.conv(out, 1, 1, name="conv3", dtype=self.dtype)(y)
+    y = layers.batch_norm(self.train, name="bn3", dtype=self.dtype)(y)
+    if self.downsample:
+      x = layers.conv(out, 1, self.stride, name="downsample_0", dtype=self.dtype)(x)
+      x = layers.batch_norm(self.train, name="downsample_1", dtype=self.dtype)(x)
+    return nn.relu(y + x)
+
+
+class ResNetTeacher(nn.Module):
+  """Frozen torchvision ResNet returning the ``[layer1, layer2, layer3]`` features.
+
+  Stem: conv 7x7 s2 p3 - BN - ReLU - maxpool 3x3 s2 p1; then ``len(stage_sizes)``
+  stages. BatchNorm always uses running statistics and the outputs are wrapped
+  in ``stop_gradient``: the teacher is never differentiated.
+
+  Attributes:
+    block: ``'basic'`` or ``'bottleneck'``.
+    stage_sizes: Blocks per stage, e.g. ``(3, 4, 6)`` for layer1..layer3.
+    width_per_group: 64 for ResNet, 128 for WideResNet-50-2.
+    dtype: Computation dtype (None: float32).
+  """
+
+  block: str
+  stage_sizes: Sequence[int]
+  width_per_group: int = 64
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """Maps an ImageNet-normalised RGB batch [B, H, W, 3] to the stage features.
+
+    Returns:
+      ``[layer1, layer2, layer3]``, at strides 4, 8, 16 ([B, H/4, W/4, C1], ...).
+    """
+    block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+    x = layers.conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
+    x = nn.relu(layers.batch_norm(False, name="bn1", dtype=self.dtype)(x))
+    x = layers.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
+    in_channels = 64
+    features = []
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      planes = STAGE_PLANES[stage]
+      for i in range(num_blocks):
+        stride = 2 if stage > 0 and i == 0 else 1
+        out_channels = planes * block_cls.expansion
+        kwargs = dict(planes=planes, stride=stride,
+                      downsample=i == 0 and (stride != 1 or in_channels != out_channels),
+                      train=False, dtype=self.dtype, name=f"layer{stage + 1}_{i}")
+        if block_cls is Bottleneck:
+          kwargs["width"] = planes * self.width_per_group // 64
+        x = block_cls(**kwargs)(x)
+        in_channels = out_channels
+      features.append(jax.lax.stop_gradient(x))
+    return features
+
+
+def resnet18(dtype: Any = None) -> ResNetTeacher:
+  """ResNet-18 layers 1-3 (BasicBlock [2, 2, 2]; 64/128/256 channels)."""
+  return ResNetTeacher(block="basic", stage_sizes=(2, 2, 2), dtype=dtype)
+
+
+def resnet50(dtype: Any = None) -> ResNetTeacher:
+  """ResNet-50 layers 1-3 (Bottleneck [3, 4, 6]; 256/512/1024 channels)."""
+  return ResNetTeacher(block="bottleneck", stage_sizes=(3, 4, 6), dtype=dtype)
+
+
+def wide_resnet50_2(dtype: Any = None) -> ResNetTeacher:
+  """WideResNet-50-2 layers 1-3 (the RD4AD teacher; 256/512/1024 channels)."""
+  return ResNetTeacher(block="bottleneck", stage_sizes=(3, 4, 6), width_per_group=128,
+                       dtype=dtype)
+
+
+RESNETS = {"resnet18": resnet18, "resnet50": resnet50, "wide_resnet50_2": wide_resnet50_2}
