@@ -89,6 +89,9 @@ def get_config():
   config.eval.fpr_limit = 0.3
   config.eval.save_pictures = True
   config.eval.tensorboard_pictures = 16  # heat-map overlays per evaluation in TensorBoard
+  # Also report the non-learned colour-statistics baseline (skrd4ad_jax/baseline.py)
+  # beside the model, to show what a trivial detector already solves.
+  config.eval.baseline = False
 
   config.thresholds = ml_collections.ConfigDict()
   # 'val' = held-out normal training images (default), 'test' = the peers' optimistic
@@ -101,6 +104,38 @@ def get_config():
   # Devices that split one category's batch (mesh axis 'data'); the rest of the
   # devices form the 'category' axis. 1 = categories only.
   config.parallel.data_axis_size = 1
+  # How one jitted step advances the categories on a device: 'vmap' (batched;
+  # accelerators), 'unroll' (a loop inside the program; several times faster on
+  # XLA:CPU, needs data_axis_size=1), 'auto' = 'unroll' on CPU, else 'vmap'.
+  config.parallel.category_loop = "auto"
+
+  # MRKD (config.model.name = 'mrkd').
+  config.mrkd = ml_collections.ConfigDict(dict(
+      # Feature-level masking: probability that a decoder position is zeroed.
+      mask_ratio=0.2,
+      # Also mask at test time, as the released code does (stochastic maps);
+      # False = deterministic inference. The results table says which was used.
+      mask_at_test=False,
+  ))
+  # RD with Expert (config.model.name = 'rd_expert').
+  config.rd_expert = ml_collections.ConfigDict(dict(
+      # False = plain injection, what the released scripts run (their attn flag is
+      # inverted); True = the paper's gated guided information injection (GII).
+      gated=False,
+      # Adam learning rate of the trainable teacher (the student uses train.learning_rate).
+      teacher_learning_rate=1e-4,
+      # Folder of texture images for the DRAEM anomalies (DTD's dtd/images in the
+      # official code); '' = offline bank (scikit-image photos + procedural textures).
+      texture_dir="",
+      # 'otsu': restrict anomalies to the object for object categories (OpenCV's
+      # grabCut replaced by Otsu); 'none': anywhere.
+      foreground="otsu",
+      # Iteration budget per category, used when config.train.num_steps == 0.
+      num_steps=5000,
+      # Categories with the longer budget (comma-separated) and that budget.
+      long_categories="cable,transistor",
+      long_num_steps=10000,
+  ))
   return config
 
 

@@ -53,7 +53,6 @@ interrupted run never leaves a half tree that looks complete.
 
 import json
 import os
-import os
 import shutil
 import tempfile
 from typing import Dict, Optional, Tuple
@@ -75,6 +74,10 @@ MASK_EPS = 3
 # Defect geometry below is specified for a 192 px crop and scaled with it.
 _REF_CROP = 192.0
 _PHOTO_SIZE = 512
+# Test crops start within this many rows of the bottom band's top.
+_TEST_ROW_JITTER = 8
+# Correlation length (px at a 192 px crop) of the grain that fills `missing`.
+_MISSING_GRAIN = 3.0
 _SPLIT_IDS = {"train": 0, "test_good": 1}
 
 
@@ -105,7 +108,7 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 def _split_rows(crop_size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
   """Ranges of crop top rows for train and test; the two bands are disjoint."""
-  test_lo = _PHOTO_SIZE - crop_size - 32
+  test_lo = _PHOTO_SIZE - crop_size - _TEST_ROW_JITTER
   train_hi = test_lo - 8 - crop_size  # last train row ends 8 px above test.
   if train_hi < 0:
     raise ValueError(f"crop_size={crop_size} is too large for a disjoint split.")
@@ -238,27 +241,46 @@ def _misorientation(crop, rng, photo):
   return _blend(crop, patch, alpha).astype(np.float32)
 
 
+def _weighted_moments(img, alpha):
+  w = alpha / alpha.sum()
+  mean = float((img * w).sum())
+  return mean, float(np.sqrt(max((((img - mean) ** 2) * w).sum(), 1e-6)))
+
+
 def _misplaced(crop, rng, photo):
-  """A patch from elsewhere in the photo, zoomed 1.6-2x, pasted in."""
+  """A patch from elsewhere in the photo, zoomed 2-2.6x, pasted in.
+
+  Of 8 candidate source places the one whose grey-level spread best matches the
+  destination's is used, and its mean is set to the destination's, so that the
+  patch differs in structure (grain size, misplaced pattern), not in colour.
+  """
   k = crop.shape[0] / _REF_CROP
   ry, rx = rng.uniform(24, 34, size=2) * k
   theta = rng.uniform(0, np.pi)
   radius = max(ry, rx)
   cy, cx = _centre(rng, crop.shape[0], radius)
   zoom = rng.uniform(2.0, 2.6)
-  size = crop.shape[0]
-  src = int(np.ceil(size / zoom)) + 4
-  sy0 = int(rng.integers(0, photo.shape[0] - src + 1))
-  sx0 = int(rng.integers(0, photo.shape[1] - src + 1))
-  yy, xx = np.mgrid[:size, :size].astype(np.float64)
-  # Zoomed source sampled so that the defect centre maps to the source centre.
-  sy = sy0 + src / 2.0 + (yy - cy) / zoom
-  sx = sx0 + src / 2.0 + (xx - cx) / zoom
-  patch = ndi.map_coordinates(photo.astype(np.float64), [sy, sx], order=3,
-                              mode="reflect")
-  # Keep the local brightness level of the destination (statistics-preserving).
-  patch = patch - patch.mean() + crop.mean()
   alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 2.0 * k)
+  ys, xs = np.nonzero(alpha > 0)
+  box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+  a_box = alpha[box]
+  c_mean, c_std = _weighted_moments(crop[box].astype(np.float64), a_box)
+  yy, xx = np.mgrid[box].astype(np.float64)
+  src = int(np.ceil(2 * radius / zoom)) + 8
+  best = None
+  for _ in range(8):
+    sy0 = rng.uniform(src, photo.shape[0] - src)
+    sx0 = rng.uniform(src, photo.shape[1] - src)
+    cand = ndi.map_coordinates(
+        photo.astype(np.float64),
+        [sy0 + (yy - cy) / zoom, sx0 + (xx - cx) / zoom], order=3,
+        mode="reflect")
+    p_mean, p_std = _weighted_moments(cand, a_box)
+    cost = abs(np.log(p_std / c_std))
+    if best is None or cost < best[0]:
+      best = (cost, cand - p_mean + c_mean)
+  patch = crop.astype(np.float64).copy()
+  patch[box] = best[1]
   return _blend(crop, patch, alpha).astype(np.float32)
 
 
@@ -274,7 +296,7 @@ def _missing(crop, rng, photo):
   mean = ndi.gaussian_filter(img, sigma)
   std = np.sqrt(np.maximum(ndi.gaussian_filter(img * img, sigma) - mean ** 2,
                            1.0))
-  noise = ndi.gaussian_filter(rng.standard_normal(img.shape), float(os.environ.get("GRAIN", "1.2")) * k)
+  noise = ndi.gaussian_filter(rng.standard_normal(img.shape), _MISSING_GRAIN * k)
   noise /= noise.std()
   patch = mean + std * noise
   alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 3.0 * k)
@@ -286,9 +308,9 @@ def _scratch(crop, rng, photo):
   del photo
   k = crop.shape[0] / _REF_CROP
   size = crop.shape[0]
-  length = rng.uniform(110, 150) * k
+  length = min(rng.uniform(110, 150) * k, 0.8 * size)
   ang = rng.uniform(0, np.pi)
-  margin = 0.5 * length + 10 * k
+  margin = min(0.5 * length + 10 * k, 0.5 * size - 1)
   cy, cx = rng.uniform(margin, size - margin, size=2)
   d = np.array([np.sin(ang), np.cos(ang)]) * length / 2
   p0, p2 = np.array([cy, cx]) - d, np.array([cy, cx]) + d

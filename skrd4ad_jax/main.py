@@ -35,6 +35,9 @@ def main(argv):
   from skrd4ad_jax import trainer  # pylint: disable=g-import-not-at-top
   from data_pipelines.folder import DatasetError  # pylint: disable=g-import-not-at-top
 
+  if not FLAGS["verbosity"].present:
+    # orbax logs every checkpoint step at INFO; keep the console for progress.
+    logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", config.name)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),

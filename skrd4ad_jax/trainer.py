@@ -109,7 +109,9 @@ def write_test_predictions(pred: evaluate.Predictions, thr: dict[str, Any], path
     w.writerow(["image_path", "defect_type", "gt_label", "pred_score_raw", "pred_score",
                 "pred_label"])
     for i in range(len(pred)):
-      label = "" if not math.isfinite(thr["image_threshold"]) else int(norm_scores[i] >= 0.5)
+      # The decision is on the raw score, as in predict and threshold_metrics.
+      label = ("" if not math.isfinite(thr["image_threshold"]) else
+               "NG" if pred.scores[i] >= thr["image_threshold"] else "OK")
       w.writerow([pred.paths[i], pred.defect_types[i], int(pred.labels[i]),
                   repr(float(pred.scores[i])), repr(float(norm_scores[i])), label])
 
@@ -256,12 +258,29 @@ class Trainer:
                  ", ".join(f"{k}={m[k]:.4f}" for k in RESULT_METRICS if k in m))
     return m
 
+  def baseline_metrics(self, run: CategoryRun) -> dict[str, float]:
+    """The colour-statistics baseline on the same split (no learning involved)."""
+    from skrd4ad_jax import baseline  # pylint: disable=g-import-not-at-top
+    bs = int(self.config.eval.batch_size)
+    identity = lambda images: (np.zeros(images.shape[:3], np.float32),  # pylint: disable=unnecessary-lambda-assignment
+                               np.zeros(images.shape[:1], np.float32))
+    train = evaluate.predict(identity, run.data.eval_batches("train", bs), False, True)
+    test = evaluate.predict(identity, run.data.eval_batches("test", bs), run.data.has_masks,
+                            True)
+    test.maps = baseline.colour_statistics_baseline(train.images, test.images)
+    test.scores = test.maps.reshape(len(test), -1).max(-1)
+    m = evaluate.compute_metrics(test, float(self.config.eval.fpr_limit))
+    return {f"baseline_{k}": m[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+
   def finish(self, run: CategoryRun, state: Any) -> None:
     m = self.evaluate(run, state, final=True)
+    if self.config.eval.get("baseline", False):
+      m.update(self.baseline_metrics(run))
     images = run.step * int(self.config.train.batch_size)
     run.row = {"category": run.category, **{k: m.get(k, float("nan")) for k in RESULT_METRICS},
                "image_f1_at_threshold": m["image_f1_at_threshold"],
                "image_precision": m["image_precision"], "image_recall": m["image_recall"],
+               **{k: v for k, v in m.items() if k.startswith("baseline_")},
                "train_seconds": run.train_seconds,
                "train_images_per_second": images / run.train_seconds if run.train_seconds else
                float("nan")}
@@ -314,7 +333,8 @@ class Trainer:
     bs = int(cfg.train.batch_size)
     stacked = parallel.put_stacked(parallel.stack(self.initial_states()), self.mesh)
     teacher_vars = parallel.put_replicated(self.teacher_vars, self.mesh)
-    p_step = parallel.make_parallel_train_step(self.method, self.mesh)
+    p_step = parallel.make_parallel_train_step(
+        self.method, self.mesh, cfg.parallel.get("category_loop", "auto"))
     use_cache = bool(cfg.train.get("cache_teacher_features", False))
     if use_cache and not self.method.supports_feature_cache:
       raise ValueError(f"config.train.cache_teacher_features needs a method without input "

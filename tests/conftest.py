@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny trained run, made once per test session.
+
+``tiny_run`` writes a small MVTec-layout demo tree (64 px, 8 training images
+per category) and trains ``configs/tiny.py`` on two of its categories with
+``trainer.train_and_evaluate``: about a minute on 2 CPU cores, paid only by the
+sessions that use it. Tests must treat the run as read-only (write into their
+own ``tmp_path``).
+
+To iterate on tests without retraining, set ``SKRD4AD_TINY_RUN_DIR=DIR``: the
+run is made there once and reused while ``DIR/run/results.csv`` exists (delete
+``DIR`` after changing the trainer).
+"""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CATEGORIES = ("brick", "grass")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """(config, workdir, data_root) of a finished tiny-config run.
+
+  ``config.data.categories`` are ``TINY_CATEGORIES``; ``workdir`` holds one
+  checkpoint folder per category, ``results.csv`` and the test pictures.
+  """
+  from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
+  from skrd4ad_jax import trainer  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import tiny  # pylint: disable=g-import-not-at-top
+  cached = os.environ.get("SKRD4AD_TINY_RUN_DIR")
+  base = cached or str(tmp_path_factory.mktemp("tiny_run"))
+  data_root = demo_data.ensure_demo_dataset(
+      os.path.join(base, "data"), seed=0, image_size=64, num_train=8, num_test_good=3,
+      num_test_per_defect=1)
+  config = tiny.get_config(",".join(TINY_CATEGORIES))
+  config.data.root = data_root
+  workdir = os.path.join(base, "run")
+  if not (cached and os.path.exists(os.path.join(workdir, "results.csv"))):
+    trainer.train_and_evaluate(config, workdir)
+  return config, workdir, data_root
