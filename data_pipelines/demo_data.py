@@ -8,25 +8,38 @@ colour statistics with the training images (see
 
 Three categories are cut from the real 512x512 grayscale photos
 `skimage.data.brick()`, `grass()` and `gravel()`. Every image is a
-`crop_size` x `crop_size` crop, resized (bilinear, anti-aliased) to
-`image_size`, with a small per-image gain/offset jitter, replicated to three
-channels (RGB). Training crops come from the top of the photo, test crops from a
-disjoint band at the bottom, so that no test pixel was seen in training.
+`crop_size` x `crop_size` crop (default 128: native resolution at
+`image_size=128`), resized (bilinear, anti-aliased) to `image_size`, with a
+small per-image gain/offset jitter (+-6 %, +-4 grey levels), replicated to three
+channels (RGB). Training crops come from the top 368 rows of the photo, test
+crops from a disjoint band of the bottom 136 rows (8 rows apart), so no test
+pixel was seen in training. (A larger crop leaves less distinct training
+texture: with 192 px crops the training band holds ~4 crop areas instead of
+~11, and normal test content the model never saw dominates the scores.)
 
-Defect kinds (one instance per image, drawn at crop resolution, sized so that the
-defect is still >= ~15 px wide after resizing to 64 px):
+Defect kinds (one instance per image, drawn at crop resolution; sizes below at
+a 128 px crop and `defect_scale=1`, all still >= ~9 px wide at 64 px):
 
-* `distortion`: a local smooth elastic warp (a swirl with compact support):
-  the pattern bends, grey values are only moved.
-* `misorientation`: a disk-shaped patch rotated in place by 90/270 degrees or
-  transposed (exact pixel permutation, no interpolation).
-* `misplaced`: a patch copied from another place of the same photo at a
-  different scale (1.6-2x zoom), so the grain/brick size does not fit.
-* `missing`: the pattern vanishes in a region: it is replaced by structureless
-  grain with the same local mean and standard deviation as the original.
-* `scratch`: a thin (~3 px at 128 px), long, smoothly curved, low-contrast
-  line (amplitude ~0.6-0.9 of the texture's standard deviation).
-* `stain`: an easy, colour-changing control: a darker soft blob.
+* `distortion`: a swirl (local smooth warp with compact support, radius
+  23-29 px, 2.5-3.5 rad at the centre): the pattern bends, grey values are only
+  moved.
+* `misorientation`: a disk (radius 20-26 px) of texture with the wrong
+  orientation. Oriented textures (brick): rotated in place by 90/270 degrees or
+  transposed (an exact pixel permutation). Isotropic textures (grass, gravel:
+  structure-tensor coherence < 0.3), where a rotation is invisible: the disk's
+  content is stretched 2.2-2.8x along a random direction (combed grass,
+  elongated stones).
+* `misplaced`: an ellipse (radii 18-26 px) of texture copied from another place
+  of the same photo at a 2-2.6x larger scale; the best of 8 source places by
+  grey-level spread, shifted to the destination's mean, so the grain/brick size
+  does not fit but the colour does.
+* `missing`: the pattern vanishes in an ellipse (radii 18-26 px): replaced by
+  structureless grain with the original's local mean and standard deviation.
+* `scratch`: a thin (Gaussian profile, sigma 1.4 px), long (84-115 px),
+  smoothly curved, low-contrast line (amplitude 0.9-1.2 of the texture's
+  grey-level standard deviation, lighter or darker).
+* `stain`: the easy, colour-changing control: an irregular darker blob (radii
+  17-25 px, up to 40-55 % darker).
 
 Ground truth: a defect is rendered on the clean crop, both are resized and
 quantised to uint8 exactly as the written image, and the mask is
@@ -67,17 +80,17 @@ DEFECT_KINDS = (
 # Kinds that keep the local colour statistics (mean/std) of the texture.
 STATISTICS_PRESERVING_KINDS = (
     "distortion", "misorientation", "misplaced", "missing")
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 # A pixel counts as changed when |defective - clean| > MASK_EPS grey levels
 # (uint8, after resizing and quantisation).
 MASK_EPS = 3
-# Defect geometry below is specified for a 192 px crop and scaled with it.
-_REF_CROP = 192.0
+# Defect geometry below is in pixels of a 128 px crop and scales with the crop.
+_REF_CROP = 128.0
 _PHOTO_SIZE = 512
 # Test crops start within this many rows of the bottom band's top.
 _TEST_ROW_JITTER = 8
-# Correlation length (px at a 192 px crop) of the grain that fills `missing`.
-_MISSING_GRAIN = 3.0
+# Correlation length (px at a 128 px crop) of the grain that fills `missing`.
+_MISSING_GRAIN = 2.0
 _SPLIT_IDS = {"train": 0, "test_good": 1}
 
 
@@ -116,7 +129,7 @@ def _split_rows(crop_size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
 
 
 def sample_crop(photo: np.ndarray, rng: np.random.Generator, split: str,
-                crop_size: int = 192) -> np.ndarray:
+                crop_size: int = 128) -> np.ndarray:
   """Cuts a random crop from the train (top) or test (bottom) band."""
   train_rows, test_rows = _split_rows(crop_size)
   lo, hi = train_rows if split == "train" else test_rows
@@ -176,11 +189,10 @@ def _blend(base, patch, alpha):
   return base * (1.0 - alpha) + patch * alpha
 
 
-def _distortion(crop, rng, photo):
+def _distortion(crop, rng, photo, k):
   """Swirl with compact support: rotation angle theta_max * (1 - r/R)^2."""
   del photo
-  k = crop.shape[0] / _REF_CROP
-  radius = rng.uniform(30, 38) * k
+  radius = rng.uniform(23, 29) * k
   cy, cx = _centre(rng, crop.shape[0], radius)
   theta_max = rng.uniform(2.5, 3.5) * rng.choice([-1.0, 1.0])
   yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]].astype(np.float64)
@@ -204,7 +216,7 @@ def orientation_coherence(img: np.ndarray, sigma: float = 4.0) -> float:
   return float(np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-9))
 
 
-def _misorientation(crop, rng, photo):
+def _misorientation(crop, rng, photo, k):
   """A disk of texture with the wrong orientation.
 
   Oriented textures (brick): the disk is rotated in place by 90/270 degrees or
@@ -213,8 +225,7 @@ def _misorientation(crop, rng, photo):
   orientation - its content is stretched 2.2-2.8x along a random direction
   ("combed" grass, elongated stones).
   """
-  k = crop.shape[0] / _REF_CROP
-  radius = rng.uniform(26, 34) * k
+  radius = rng.uniform(20, 26) * k
   cy, cx = _centre(rng, crop.shape[0], radius)
   op = int(rng.integers(3))
   stretch = rng.uniform(2.2, 2.8)
@@ -237,7 +248,7 @@ def _misorientation(crop, rng, photo):
     sx = cx + np.cos(ang) * u - np.sin(ang) * v
     patch = ndi.map_coordinates(crop.astype(np.float64), [sy, sx], order=3,
                                 mode="reflect")
-  alpha = _soft_ellipse(crop.shape, cy, cx, radius, radius, 0.0, 2.0 * k)
+  alpha = _soft_ellipse(crop.shape, cy, cx, radius, radius, 0.0, 1.5 * k)
   return _blend(crop, patch, alpha).astype(np.float32)
 
 
@@ -247,20 +258,19 @@ def _weighted_moments(img, alpha):
   return mean, float(np.sqrt(max((((img - mean) ** 2) * w).sum(), 1e-6)))
 
 
-def _misplaced(crop, rng, photo):
+def _misplaced(crop, rng, photo, k):
   """A patch from elsewhere in the photo, zoomed 2-2.6x, pasted in.
 
   Of 8 candidate source places the one whose grey-level spread best matches the
   destination's is used, and its mean is set to the destination's, so that the
   patch differs in structure (grain size, misplaced pattern), not in colour.
   """
-  k = crop.shape[0] / _REF_CROP
-  ry, rx = rng.uniform(24, 34, size=2) * k
+  ry, rx = rng.uniform(18, 26, size=2) * k
   theta = rng.uniform(0, np.pi)
   radius = max(ry, rx)
   cy, cx = _centre(rng, crop.shape[0], radius)
   zoom = rng.uniform(2.0, 2.6)
-  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 2.0 * k)
+  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 1.5 * k)
   ys, xs = np.nonzero(alpha > 0)
   box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
   a_box = alpha[box]
@@ -284,33 +294,31 @@ def _misplaced(crop, rng, photo):
   return _blend(crop, patch, alpha).astype(np.float32)
 
 
-def _missing(crop, rng, photo):
+def _missing(crop, rng, photo, k):
   """Pattern replaced by structureless grain with matched local mean/std."""
   del photo
-  k = crop.shape[0] / _REF_CROP
-  ry, rx = rng.uniform(24, 34, size=2) * k
+  ry, rx = rng.uniform(18, 26, size=2) * k
   theta = rng.uniform(0, np.pi)
   cy, cx = _centre(rng, crop.shape[0], max(ry, rx))
   img = crop.astype(np.float64)
-  sigma = 8.0 * k
+  sigma = 6.0 * k
   mean = ndi.gaussian_filter(img, sigma)
   std = np.sqrt(np.maximum(ndi.gaussian_filter(img * img, sigma) - mean ** 2,
                            1.0))
   noise = ndi.gaussian_filter(rng.standard_normal(img.shape), _MISSING_GRAIN * k)
   noise /= noise.std()
   patch = mean + std * noise
-  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 3.0 * k)
+  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 2.0 * k)
   return _blend(img, patch, alpha).astype(np.float32)
 
 
-def _scratch(crop, rng, photo):
+def _scratch(crop, rng, photo, k):
   """A thin, long, smoothly curved, low-contrast line (quadratic Bezier)."""
   del photo
-  k = crop.shape[0] / _REF_CROP
   size = crop.shape[0]
-  length = min(rng.uniform(110, 150) * k, 0.8 * size)
+  length = min(rng.uniform(84, 115) * k, 0.8 * size)
   ang = rng.uniform(0, np.pi)
-  margin = min(0.5 * length + 10 * k, 0.5 * size - 1)
+  margin = min(0.5 * length + 7 * k, 0.5 * size - 1)
   cy, cx = rng.uniform(margin, size - margin, size=2)
   d = np.array([np.sin(ang), np.cos(ang)]) * length / 2
   p0, p2 = np.array([cy, cx]) - d, np.array([cy, cx]) + d
@@ -324,7 +332,7 @@ def _scratch(crop, rng, photo):
   ix = np.clip(np.rint(pts[:, 1]).astype(int), 0, size - 1)
   seeds[iy, ix] = False
   dist = ndi.distance_transform_edt(seeds)
-  width_sigma = 1.8 * k
+  width_sigma = 1.4 * k
   profile = np.exp(-0.5 * (dist / width_sigma) ** 2)
   profile[dist > 3.0 * width_sigma] = 0.0
   local_std = float(crop.std())
@@ -332,16 +340,18 @@ def _scratch(crop, rng, photo):
   return (crop + amp * profile).astype(np.float32)
 
 
-def _stain(crop, rng, photo):
-  """An easy, colour-changing control defect: a darker soft blob."""
+def _stain(crop, rng, photo, k):
+  """An easy, colour-changing control defect: an irregular darker blob."""
   del photo
-  k = crop.shape[0] / _REF_CROP
-  ry, rx = rng.uniform(22, 32, size=2) * k
+  ry, rx = rng.uniform(17, 25, size=2) * k
   theta = rng.uniform(0, np.pi)
   cy, cx = _centre(rng, crop.shape[0], max(ry, rx))
-  factor = rng.uniform(0.5, 0.65)
-  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 6.0 * k)
-  return (crop * (1.0 - alpha * (1.0 - factor))).astype(np.float32)
+  strength = rng.uniform(0.4, 0.55)  # Darkening at the blob's darkest point.
+  blotch = ndi.gaussian_filter(rng.standard_normal(crop.shape), 4.0 * k)
+  blotch = (blotch - blotch.min()) / (blotch.max() - blotch.min() + 1e-9)
+  alpha = _soft_ellipse(crop.shape, cy, cx, ry, rx, theta, 4.5 * k)
+  alpha *= 0.65 + 0.35 * blotch
+  return (crop * (1.0 - strength * alpha)).astype(np.float32)
 
 
 _DEFECT_FNS = {
@@ -355,7 +365,8 @@ _DEFECT_FNS = {
 
 
 def apply_defect(crop: np.ndarray, kind: str, rng: np.random.Generator,
-                 photo: Optional[np.ndarray] = None) -> np.ndarray:
+                 photo: Optional[np.ndarray] = None,
+                 defect_scale: float = 1.0) -> np.ndarray:
   """Draws one defect of `kind` on a float gray crop; returns a new crop.
 
   Args:
@@ -363,6 +374,8 @@ def apply_defect(crop: np.ndarray, kind: str, rng: np.random.Generator,
     kind: one of `DEFECT_KINDS`.
     rng: random generator (all randomness of the defect).
     photo: the full photo, source of `misplaced` patches (defaults to `crop`).
+    defect_scale: multiplies the defect's linear size (1.0: radii of about
+      18-29 px and scratches of 84-115 px x ~3 px on a 128 px crop).
 
   Returns:
     float32 [C, C] defective crop (unchanged outside the defect's support).
@@ -370,17 +383,18 @@ def apply_defect(crop: np.ndarray, kind: str, rng: np.random.Generator,
   if kind not in _DEFECT_FNS:
     raise ValueError(f"Unknown defect kind {kind!r}; expected {DEFECT_KINDS}.")
   photo = crop if photo is None else photo
-  return _DEFECT_FNS[kind](np.asarray(crop, np.float32), rng, photo)
+  k = crop.shape[0] / _REF_CROP * float(defect_scale)
+  return _DEFECT_FNS[kind](np.asarray(crop, np.float32), rng, photo, k)
 
 
 def make_defect_example(
     crop: np.ndarray, kind: str, rng: np.random.Generator, image_size: int,
-    photo: Optional[np.ndarray] = None, gain: float = 1.0, offset: float = 0.0
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    photo: Optional[np.ndarray] = None, gain: float = 1.0, offset: float = 0.0,
+    defect_scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Renders (clean uint8 RGB, defective uint8 RGB, bool mask [S, S])."""
   clean = render(crop, image_size, gain, offset)
-  defective = render(apply_defect(crop, kind, rng, photo), image_size, gain,
-                     offset)
+  defective = render(apply_defect(crop, kind, rng, photo, defect_scale),
+                     image_size, gain, offset)
   return clean, defective, defect_mask(clean, defective)
 
 
@@ -390,9 +404,9 @@ def _jitter(rng):
 
 def generate_category(category: str, seed: int = 0, image_size: int = 128,
                       num_train: int = 48, num_test_good: int = 10,
-                      num_test_per_defect: int = 5, crop_size: int = 192
-                      ) -> Dict[str, list]:
-  """Generates one category in memory.
+                      num_test_per_defect: int = 5, crop_size: int = 128,
+                      defect_scale: float = 1.0) -> Dict[str, list]:
+  """Generates one category in memory (arguments as `ensure_demo_dataset`).
 
   Returns:
     dict with `train` -> list of uint8 RGB images, `test/good` -> list, and for
@@ -420,7 +434,7 @@ def generate_category(category: str, seed: int = 0, image_size: int = 128,
       gain, offset = _jitter(rng)
       for _ in range(20):  # Redraw the (rare) defect that vanishes when resized.
         _, img, mask = make_defect_example(crop, kind, rng, image_size, photo,
-                                           gain, offset)
+                                           gain, offset, defect_scale)
         if mask.sum() >= 0.004 * image_size * image_size:
           break
       samples.append((img, mask))
@@ -438,7 +452,7 @@ def _write_tree(tmp_root, params):
         category, seed=params["seed"], image_size=params["image_size"],
         num_train=params["num_train"], num_test_good=params["num_test_good"],
         num_test_per_defect=params["num_test_per_defect"],
-        crop_size=params["crop_size"])
+        crop_size=params["crop_size"], defect_scale=params["defect_scale"])
     base = os.path.join(tmp_root, category)
     for sub in ("train/good", "test/good"):
       os.makedirs(os.path.join(base, sub))
@@ -469,7 +483,8 @@ def _read_manifest(root):
 def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
                         image_size: int = 128, num_train: int = 48,
                         num_test_good: int = 10, num_test_per_defect: int = 5,
-                        crop_size: int = 192) -> str:
+                        crop_size: int = 128, defect_scale: float = 1.0
+                        ) -> str:
   """Writes the demo data set once (MVTec layout) and returns its root.
 
   Args:
@@ -481,8 +496,10 @@ def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
     num_train: normal training images per category.
     num_test_good: normal test images per category.
     num_test_per_defect: test images per defect kind and category.
-    crop_size: side of the photo crop (192 of 512 px by default) that is
-      resized to `image_size`.
+    crop_size: side of the photo crop (128 of 512 px by default: native
+      resolution at `image_size=128`) that is resized to `image_size`.
+    defect_scale: multiplies the linear size of every defect (see
+      `apply_defect`); > 1 makes the data set easier.
 
   Returns:
     The data set root (containing one directory per `DEMO_CATEGORIES`).
@@ -496,6 +513,7 @@ def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
       "num_test_good": int(num_test_good),
       "num_test_per_defect": int(num_test_per_defect),
       "crop_size": int(crop_size),
+      "defect_scale": float(defect_scale),
       "categories": list(DEMO_CATEGORIES),
       "defect_kinds": list(DEFECT_KINDS),
       "mask_eps": MASK_EPS,

@@ -124,16 +124,18 @@ def test_masks_mark_exactly_the_changed_pixels(category):
       near = ndi.binary_dilation(mask, iterations=3)
       assert diff[~near].max(initial=0) <= demo_data.MASK_EPS, kind
       assert mask.sum() > 0.015 * mask.size, kind  # Not a speck.
-      # Grey-level statistics of the defect region stay those of the texture
-      # for the statistics-preserving kinds; the stain (the control) breaks them.
-      g = clean[..., 0].astype(float)
-      b = bad[..., 0][mask].astype(float)
-      keeps = (abs(b.mean() - g.mean()) < 0.5 * g.std()
-               and 0.5 < b.std() / g.std() < 1.5)
+      # Grey-level mean/std around the defect (its bounding box + 4 px) stay
+      # those of the clean image for the statistics-preserving kinds; the
+      # stain (the colour control) darkens it.
+      ys, xs = np.nonzero(mask)
+      box = (slice(max(ys.min() - 4, 0), ys.max() + 5),
+             slice(max(xs.min() - 4, 0), xs.max() + 5))
+      c, b = clean[..., 0][box].astype(float), bad[..., 0][box].astype(float)
+      shift, ratio = (b.mean() - c.mean()) / c.std(), b.std() / c.std()
       if kind in demo_data.STATISTICS_PRESERVING_KINDS:
-        assert keeps, (kind, b.mean(), b.std(), g.mean(), g.std())
+        assert abs(shift) < 0.3 and 0.8 < ratio < 1.25, (kind, shift, ratio)
       elif kind == "stain":
-        assert not keeps, (kind, b.mean(), b.std(), g.mean(), g.std())
+        assert shift < -0.3, (kind, shift)
 
 
 def test_defects_survive_resizing_to_64(small_root):
@@ -191,8 +193,9 @@ def test_baseline_finds_a_strong_colour_defect(brick_split):
   _, pix, maps, masks = _aurocs(train, good, data["test/stain"])
   assert pix > 0.9
   n = len(good)
-  for k in range(len(data["test/stain"])):  # Inside the stain > outside.
-    assert maps[n + k][masks[n + k]].mean() > 2 * maps[n + k][~masks[n + k]].mean()
+  ratios = [maps[n + k][masks[n + k]].mean() / maps[n + k][~masks[n + k]].mean()
+            for k in range(len(data["test/stain"]))]  # Inside / outside.
+  assert min(ratios) > 1.5 and np.median(ratios) > 2.5, ratios
 
 
 def test_baseline_misses_structural_defects(brick_split):
