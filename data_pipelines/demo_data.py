@@ -80,7 +80,7 @@ DEFECT_KINDS = (
 # Kinds that keep the local colour statistics (mean/std) of the texture.
 STATISTICS_PRESERVING_KINDS = (
     "distortion", "misorientation", "misplaced", "missing")
-DATASET_VERSION = 2
+DATASET_VERSION = 3
 # A pixel counts as changed when |defective - clean| > MASK_EPS grey levels
 # (uint8, after resizing and quantisation).
 MASK_EPS = 3
@@ -129,10 +129,25 @@ def _split_rows(crop_size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
 
 
 def sample_crop(photo: np.ndarray, rng: np.random.Generator, split: str,
-                crop_size: int = 128) -> np.ndarray:
-  """Cuts a random crop from the train (top) or test (bottom) band."""
-  train_rows, test_rows = _split_rows(crop_size)
-  lo, hi = train_rows if split == "train" else test_rows
+                crop_size: int = 128, disjoint: bool = False) -> np.ndarray:
+  """Cuts a random crop.
+
+  Args:
+    photo: the 512x512 photo.
+    rng: random generator.
+    split: 'train' or 'test'.
+    crop_size: side of the crop.
+    disjoint: train crops from the top band and test crops from a disjoint
+      bottom band (normal test content never seen in training: much harder, a
+      domain shift rather than a one-class problem). False: both from anywhere
+      in the photo, the usual one-class setting where normal training and test
+      images come from the same distribution.
+  """
+  if not disjoint:
+    lo, hi = 0, photo.shape[0] - crop_size
+  else:
+    train_rows, test_rows = _split_rows(crop_size)
+    lo, hi = train_rows if split == "train" else test_rows
   y = int(rng.integers(lo, hi + 1))
   x = int(rng.integers(0, photo.shape[1] - crop_size + 1))
   return photo[y:y + crop_size, x:x + crop_size].astype(np.float32)
@@ -405,7 +420,8 @@ def _jitter(rng):
 def generate_category(category: str, seed: int = 0, image_size: int = 128,
                       num_train: int = 48, num_test_good: int = 10,
                       num_test_per_defect: int = 5, crop_size: int = 128,
-                      defect_scale: float = 1.0) -> Dict[str, list]:
+                      defect_scale: float = 1.0, disjoint: bool = False
+                      ) -> Dict[str, list]:
   """Generates one category in memory (arguments as `ensure_demo_dataset`).
 
   Returns:
@@ -418,7 +434,7 @@ def generate_category(category: str, seed: int = 0, image_size: int = 128,
 
   def clean_sample(split_id, i, split):
     rng = _rng(seed, cid, split_id, i)
-    crop = sample_crop(photo, rng, split, crop_size)
+    crop = sample_crop(photo, rng, split, crop_size, disjoint)
     gain, offset = _jitter(rng)
     return render(crop, image_size, gain, offset)
 
@@ -430,7 +446,7 @@ def generate_category(category: str, seed: int = 0, image_size: int = 128,
     samples = []
     for i in range(num_test_per_defect):
       rng = _rng(seed, cid, 10 + j, i)
-      crop = sample_crop(photo, rng, "test", crop_size)
+      crop = sample_crop(photo, rng, "test", crop_size, disjoint)
       gain, offset = _jitter(rng)
       for _ in range(20):  # Redraw the (rare) defect that vanishes when resized.
         _, img, mask = make_defect_example(crop, kind, rng, image_size, photo,
@@ -452,7 +468,8 @@ def _write_tree(tmp_root, params):
         category, seed=params["seed"], image_size=params["image_size"],
         num_train=params["num_train"], num_test_good=params["num_test_good"],
         num_test_per_defect=params["num_test_per_defect"],
-        crop_size=params["crop_size"], defect_scale=params["defect_scale"])
+        crop_size=params["crop_size"], defect_scale=params["defect_scale"],
+        disjoint=params.get("disjoint", False))
     base = os.path.join(tmp_root, category)
     for sub in ("train/good", "test/good"):
       os.makedirs(os.path.join(base, sub))
@@ -483,8 +500,8 @@ def _read_manifest(root):
 def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
                         image_size: int = 128, num_train: int = 48,
                         num_test_good: int = 10, num_test_per_defect: int = 5,
-                        crop_size: int = 128, defect_scale: float = 1.0
-                        ) -> str:
+                        crop_size: int = 128, defect_scale: float = 1.0,
+                        disjoint: bool = False) -> str:
   """Writes the demo data set once (MVTec layout) and returns its root.
 
   Args:
@@ -500,6 +517,8 @@ def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
       resolution at `image_size=128`) that is resized to `image_size`.
     defect_scale: multiplies the linear size of every defect (see
       `apply_defect`); > 1 makes the data set easier.
+    disjoint: draw normal test crops from a photo band never used for
+      training (see `sample_crop`); harder, off by default.
 
   Returns:
     The data set root (containing one directory per `DEMO_CATEGORIES`).
@@ -514,6 +533,7 @@ def ensure_demo_dataset(root: Optional[str] = None, seed: int = 0,
       "num_test_per_defect": int(num_test_per_defect),
       "crop_size": int(crop_size),
       "defect_scale": float(defect_scale),
+      "disjoint": bool(disjoint),
       "categories": list(DEMO_CATEGORIES),
       "defect_kinds": list(DEFECT_KINDS),
       "mask_eps": MASK_EPS,

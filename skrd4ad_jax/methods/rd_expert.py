@@ -237,15 +237,19 @@ class RDExpert(Method):
                "config.rd_expert.gated=False)")
     fg = ("Otsu (grabCut of the official code replaced by border-polarity Otsu; inverse Otsu "
           "for capsule/screw)" if self.foreground == "otsu" else "none")
+    budget = (f"{self.num_steps} iterations per category ({self.long_num_steps} for "
+              f"{', '.join(self.long_categories) or 'none'}), the official budget")
+    if int(self.config.train.get("num_steps", 0)) > 0:
+      budget = (f"{int(self.config.train.num_steps)} iterations per category "
+                f"(config.train.num_steps; the official budget is {self.num_steps})")
     return [
         f"RD with Expert: student with {variant}; anomaly maps compare the trained teacher "
         "(eval mode) with the student, the expert is unused at test time.",
         f"RD with Expert: DRAEM anomalies with textures from {self.textures.describe()} "
         f"(the official code uses DTD); foreground restriction: {fg}.",
-        f"RD with Expert: teacher Adam lr {self.teacher_learning_rate:g}; official budget "
-        f"{self.num_steps} iterations ({self.long_num_steps} for "
-        f"{', '.join(self.long_categories) or 'none'}); the official script reports the best "
-        "epoch chosen on the test set, this table the last step.",
+        f"RD with Expert: teacher Adam lr {self.teacher_learning_rate:g}; {budget}; the "
+        "official script reports the best epoch chosen on the test set, this table the last "
+        "step.",
     ]
 
   def describe(self):
