@@ -35,6 +35,19 @@ def adam(learning_rate: float, b1: float, b2: float) -> optax.GradientTransforma
   return optax.adam(learning_rate, b1=b1, b2=b2)
 
 
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any,
+                    batch_stats: Any) -> TrainState:
+  """One optimiser update of ``state.params`` plus the new BatchNorm statistics."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
+
+
+def loss_metrics(loss: jax.Array, parts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """``{'loss': total, 'loss_<part>': ...}`` for logging."""
+  return {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}
+
+
 def select_tree(pred: jax.Array, new: Any, old: Any) -> Any:
   """Leafwise ``where(pred, new, old)``; ``pred`` is a scalar bool."""
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)

@@ -377,12 +377,23 @@ def test_parallel_run_equals_categories_trained_alone(data_root, cache_dir, tmp_
 
 
 def test_category_loops_match_single_step(cache_dir, tmp_path):
-  """'unroll' and 'vmap' steps (with padding, a data axis, an inactive slot) = alone."""
+  """'unroll' and 'vmap' steps (with padding, a data axis, an inactive slot) = alone.
+
+  'unroll' runs each category's own single-category computation: bit for bit the
+  same parameters. 'vmap' batches the student's weights (grouped convolutions),
+  so its gradients differ from the single step by float32 noise (~1e-6 of their
+  scale); Adam's first updates are ``lr * g / |g|`` per element, so the few
+  elements whose gradient is at the noise level move by up to ~lr in either
+  direction. Measured after 3 steps (lr 5e-3): max abs difference ~2e-3 in ~1e-4
+  of the elements, L2 norm of the difference ~5e-4 of the distance travelled,
+  losses equal to ~3e-7. The 'vmap' checks are therefore on those statistics.
+  """
   out = run_worker("step", {"steps": 3}, tmp_path, cache_dir)
   print(json.dumps(out, indent=1))
   assert out["device_count"] == NUM_DEVICES
   v = out["variants"]
   assert v["unroll_3dev"]["mesh"] == {"category": 3, "data": 1}
+  assert v["unroll_3dev"]["state_devices"] == 3
   assert v["unroll_2dev_padded"]["slots"] == 4
   assert v["vmap_2x2_data_axis"]["mesh"] == {"category": 2, "data": 2}
   assert v["vmap_2x2_data_axis"]["state_devices"] == 4
@@ -390,10 +401,19 @@ def test_category_loops_match_single_step(cache_dir, tmp_path):
     # Category 1 sat out the last step; padded slots never step.
     assert r["steps"][:3] == [3, 2, 3], name
     assert all(s == 0 for s in r["steps"][3:]), name
-    assert r["padding_untouched"], name
-    assert max(r["param_diff"]) <= PARAM_ATOL, (name, r["param_diff"])
-    assert max(r["batch_stats_diff"]) <= PARAM_ATOL, (name, r["batch_stats_diff"])
-  assert max(out["vmap_vs_unroll"]) <= PARAM_ATOL, out["vmap_vs_unroll"]
+    assert r["inactive_untouched"] and r["padding_untouched"], name
+    if r["loop"] == "unroll":
+      assert r["loss_rel_diff"] <= 1e-6, name
+      for key in ("params", "batch_stats"):
+        assert max(d["max_abs"] for d in r[key]) <= PARAM_ATOL, (name, key, r[key])
+    else:
+      assert r["loss_rel_diff"] <= 1e-5, name
+      for d in r["params"]:
+        assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 1e-3, (name, r["params"])
+      for d in r["batch_stats"]:
+        assert d["rel_l2"] <= 1e-4, (name, r["batch_stats"])
+  for d in out["vmap_vs_unroll"]:
+    assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 1e-3, out["vmap_vs_unroll"]
 
 
 def test_resume_continues_and_finished_run_only_reevaluates(data_root, cache_dir, tmp_path):

@@ -28,14 +28,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from skrd4ad_jax import losses
 from skrd4ad_jax.augment import ilm
 from skrd4ad_jax.methods.base import Method
 from skrd4ad_jax.models.mrkd_heads import FLM_RNG, MRKDStudent
 from skrd4ad_jax.models.student import student_layout
-from skrd4ad_jax.train import TrainState, adam
+from skrd4ad_jax.train import TrainState, adam, apply_gradients, loss_metrics
 
 DEFAULTS = ml_collections.ConfigDict(dict(mask_ratio=0.2, mask_at_test=False))
 
@@ -97,11 +96,7 @@ class MRKD(Method):
       return loss, (parts, mutated["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}
+    return apply_gradients(self.tx, state, grads, batch_stats), loss_metrics(loss, parts)
 
   def features(self, state, teacher_vars, images, rng):
     feats = self.teacher_features(teacher_vars, images)

@@ -6,12 +6,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from skrd4ad_jax import losses
 from skrd4ad_jax.methods.base import Method
 from skrd4ad_jax.models.student import RDStudent, student_layout
-from skrd4ad_jax.train import TrainState, adam
+from skrd4ad_jax.train import TrainState, adam, apply_gradients, loss_metrics
 
 
 class ReverseDistillation(Method):
@@ -51,11 +50,7 @@ class ReverseDistillation(Method):
       return loss, (parts, mutated["batch_stats"])
 
     (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}
+    return apply_gradients(self.tx, state, grads, batch_stats), loss_metrics(loss, parts)
 
   def features(self, state, teacher_vars, images, rng):
     del rng
