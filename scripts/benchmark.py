@@ -57,7 +57,18 @@ EDGE_MODULES = ("tensorflow", "tensorflow_datasets", "clu", "torch")
 
 
 def synthetic_batch(method, config, num_slots, np_rng):
-  """[num_slots, B, ...] host batch: random images, or random cached teacher features."""
+  """A host batch of random data shaped like the trainer's.
+
+  Args:
+    method: the ``methods.Method``.
+    config: the config (batch size, image size, feature cache).
+    num_slots: leading category axis.
+    np_rng: numpy Generator.
+
+  Returns:
+    Dict of [num_slots, B, ...] float32 arrays: ``image`` plus the method's
+    extras (``make_batch``), or ``feature1..3`` with the teacher-feature cache.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   b, s = int(config.train.batch_size), int(config.data.image_size)
   if config.train.get("cache_teacher_features", False):
@@ -99,7 +110,19 @@ def peak_memory_bytes(devices):
 
 
 def time_step(config, method, teacher_vars, num_categories, steps, seed):
-  """Compiles and times the step for ``num_categories``; returns a dict of figures."""
+  """Compiles and times the training step of ``num_categories`` categories.
+
+  Args:
+    config: the config.
+    method: the ``methods.Method`` built from it.
+    teacher_vars: the (random) teacher variables.
+    num_categories: 1 = the single-category step; more = the parallel step.
+    steps: timed steps after the warm-up step.
+    seed: seed of the student init and the data.
+
+  Returns:
+    A dict of figures (see the module docstring).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from skrd4ad_jax import parallel, train  # pylint: disable=g-import-not-at-top
@@ -152,7 +175,8 @@ def time_step(config, method, teacher_vars, num_categories, steps, seed):
       "compile_seconds": compile_seconds, "first_step_seconds": first_step_seconds,
       "step_seconds": step_seconds, "step_seconds_all": times,
       "images_per_second": images / step_seconds,
-      # Cost analysis of an SPMD program describes one device's share.
+      # Cost analysis of an SPMD program describes one device's share; it counts
+      # padded slots and, under 'vmap', batched-weight convolutions as XLA lowers them.
       "flops_per_step": flops, "flops_per_step_counts": "per device" if devices_used > 1
                                                        else "whole step",
       "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),

@@ -33,8 +33,14 @@ def make_manager(workdir: str, category: str, read_only: bool = False
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-  """Writes the state and its JSON item at ``step`` (overwrites nothing)."""
+  """Writes the state and its JSON item at ``step``.
+
+  A finished run that is evaluated again rewrites its final step, so that the
+  stored thresholds and metrics always match the latest evaluation settings.
+  """
   state = jax.device_get(state)
+  if int(step) in manager.all_steps():
+    manager.delete(int(step))
   manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
   manager.wait_until_finished()
