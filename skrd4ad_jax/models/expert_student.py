@@ -44,9 +44,8 @@ import jax.numpy as jnp
 
 from skrd4ad_jax import losses
 from skrd4ad_jax.models import layers, resnet, vgg
-from skrd4ad_jax.models.bottleneck import OCBE
 from skrd4ad_jax.models.decoder import DECODER_BLOCKS
-from skrd4ad_jax.models.student import StudentLayout
+from skrd4ad_jax.models.student import StudentLayout, ocbe_for
 
 FUSION_MODULES = ("fuse_skip", "conv3x3_simattn", "conv1x1_downsample_dim", "fuse_encoder")
 
@@ -199,8 +198,7 @@ class ExpertStudent(nn.Module):
 
   def setup(self):
     lay = self.layout
-    self.bottleneck = OCBE(channels=lay.channels, block=lay.block, num_blocks=lay.oce_blocks,
-                           width_per_group=lay.bottleneck_width_per_group, dtype=self.dtype)
+    self.bottleneck = ocbe_for(lay, self.dtype)
     self.decoder = GuidedDecoder(layout=lay, gated=self.gated, dtype=self.dtype)
 
   def __call__(self, features: Sequence[jax.Array], train: bool = False) -> list[jax.Array]:

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from skrd4ad_jax.models import layers
-from skrd4ad_jax.models.bottleneck import OCBE
 from skrd4ad_jax.models.decoder import Decoder
-from skrd4ad_jax.models.student import StudentLayout
+from skrd4ad_jax.models.student import StudentLayout, ocbe_for
 
 FLM_RNG = "flm"  # the PRNG stream of the FLM masks (``rngs={'flm': key}``)
 
@@ -91,8 +90,7 @@ class MRKDStudent(nn.Module):
 
   def setup(self):
     lay = self.layout
-    self.bottleneck = OCBE(channels=lay.channels, block=lay.block, num_blocks=lay.oce_blocks,
-                           width_per_group=lay.bottleneck_width_per_group, dtype=self.dtype)
+    self.bottleneck = ocbe_for(lay, self.dtype)
     self.decoder = Decoder(channels=lay.channels, block=lay.block, blocks=lay.decoder_blocks,
                            width_per_group=lay.decoder_width_per_group, skip=False,
                            dtype=self.dtype)

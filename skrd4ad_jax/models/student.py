@@ -57,6 +57,12 @@ def student_layout(model_cfg) -> StudentLayout:
   )
 
 
+def ocbe_for(layout: StudentLayout, dtype: Any = None) -> OCBE:
+  """The OCBE bottleneck of ``layout`` (shared by every student)."""
+  return OCBE(channels=layout.channels, block=layout.block, num_blocks=layout.oce_blocks,
+              width_per_group=layout.bottleneck_width_per_group, dtype=dtype)
+
+
 class RDStudent(nn.Module):
   """OCBE + decoder. ``skip=True`` is SK-RD4AD, ``skip=False`` is RD4AD."""
 
@@ -66,8 +72,7 @@ class RDStudent(nn.Module):
 
   def setup(self):
     lay = self.layout
-    self.bottleneck = OCBE(channels=lay.channels, block=lay.block, num_blocks=lay.oce_blocks,
-                           width_per_group=lay.bottleneck_width_per_group, dtype=self.dtype)
+    self.bottleneck = ocbe_for(lay, self.dtype)
     self.decoder = Decoder(channels=lay.channels, block=lay.block, blocks=lay.decoder_blocks,
                            width_per_group=lay.decoder_width_per_group, skip=self.skip,
                            dtype=self.dtype)
