@@ -1,8 +1,6 @@
 """MRKD: FLM heads, masks, ILM batches, training and (non-)stochastic inference."""
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,28 +11,14 @@ from skrd4ad_jax import parallel, teachers, train
 from skrd4ad_jax.methods import build_method
 from skrd4ad_jax.models import mrkd_heads
 from skrd4ad_jax.models.student import student_layout
+from small_models import count, small_config  # pylint: disable=g-bad-import-order
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
 WRN_CHANNELS = (256, 512, 1024)
 
 
 def mrkd_config(**mrkd):
-  """resnet18 / random teacher / 64 px, with a one-block OCE and decoder stages."""
-  if os.path.join(REPO, "configs") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-  import tiny  # pylint: disable=g-import-not-at-top
-  cfg = tiny.get_config()
-  cfg.model.name = "mrkd"
-  cfg.model.oce_blocks = 1
-  cfg.model.decoder_blocks = (1, 1, 1)
-  cfg.train.batch_size = 2
-  cfg.mrkd.update(mrkd)
-  return cfg
-
-
-def count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  return small_config("mrkd", "mrkd", **mrkd)
 
 
 @pytest.fixture(scope="module")
