@@ -59,7 +59,7 @@ import optax
 from skrd4ad_jax import interpolation, losses
 from skrd4ad_jax.augment import draem
 from skrd4ad_jax.methods.base import Method
-from skrd4ad_jax.models.expert_student import ExpertStudent, TrainableTeacher, xavier_reinit
+from skrd4ad_jax.models.expert_student import ExpertStudent, trainable_teacher, xavier_reinit
 from skrd4ad_jax.models.student import student_layout
 from skrd4ad_jax.train import TrainState, adam
 
@@ -130,7 +130,7 @@ class RDExpert(Method):
     self.teacher_learning_rate = float(r.teacher_learning_rate)
     self.textures = draem.TextureSource(str(r.texture_dir), self.image_size)
     self.layout = student_layout(config.model)
-    self.trainable_teacher = TrainableTeacher(arch=config.model.teacher, dtype=self.dtype)
+    self.trainable_teacher = trainable_teacher(config.model.teacher, self.dtype)
     self.student = ExpertStudent(layout=self.layout, gated=self.gated, dtype=self.dtype)
     t = config.train
     self.tx_student = adam(float(t.learning_rate), float(t.b1), float(t.b2))

@@ -1,7 +1,7 @@
 """RD with Expert (URD, AAAI 2025): the trainable teacher and the fusion student.
 
 Teacher (``models/teacher.py``): a second copy of the ImageNet encoder, trained.
-``TrainableTeacher`` has the parameter tree of the frozen teacher
+``trainable_teacher`` has the parameter tree of the frozen teacher
 (``teachers.build_teacher``), so it is initialised by copying the shared
 teacher variables, but BatchNorm follows ``train`` and nothing is under
 ``stop_gradient``.
@@ -43,66 +43,18 @@ import jax
 import jax.numpy as jnp
 
 from skrd4ad_jax import losses
-from skrd4ad_jax.models import layers, resnet, vgg
+from skrd4ad_jax.models import layers
 from skrd4ad_jax.models.decoder import DECODER_BLOCKS
 from skrd4ad_jax.models.student import StudentLayout, ocbe_for
 
 FUSION_MODULES = ("fuse_skip", "conv3x3_simattn", "conv1x1_downsample_dim", "fuse_encoder")
 
 
-class TrainableTeacher(nn.Module):
-  """The frozen teacher's architecture with trainable BatchNorm and gradients.
-
-  Attributes:
-    arch: a key of ``teachers.TEACHER_CHANNELS``.
-    dtype: computation dtype (None: float32).
-  """
-
-  arch: str
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-    """ImageNet-normalised [B, H, W, 3] -> [T1, T2, T3] at strides 4, 8, 16."""
-    if self.arch == "vgg16_hed":
-      return self._vgg(x)
-    if self.arch not in resnet.RESNETS:
-      raise ValueError(f"RD with Expert cannot train a copy of teacher {self.arch!r}.")
-    spec = resnet.RESNETS[self.arch]()
-    block_cls = {"basic": resnet.BasicBlock, "bottleneck": resnet.Bottleneck}[spec.block]
-    x = layers.conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
-    x = nn.relu(layers.batch_norm(train, name="bn1", dtype=self.dtype)(x))
-    x = layers.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
-    in_channels = 64
-    features = []
-    for stage, num_blocks in enumerate(spec.stage_sizes):
-      planes = resnet.STAGE_PLANES[stage]
-      for i in range(num_blocks):
-        stride = 2 if stage > 0 and i == 0 else 1
-        out_channels = planes * block_cls.expansion
-        kwargs = dict(planes=planes, stride=stride,
-                      downsample=i == 0 and (stride != 1 or in_channels != out_channels),
-                      train=train, dtype=self.dtype, name=f"layer{stage + 1}_{i}")
-        if block_cls is resnet.Bottleneck:
-          kwargs["width"] = planes * spec.width_per_group // 64
-        x = block_cls(**kwargs)(x)
-        in_channels = out_channels
-      features.append(x)
-    return features
-
-  def _vgg(self, x: jax.Array) -> list[jax.Array]:
-    """``vgg.VGG16HED`` without the stop_gradient (it has no BatchNorm)."""
-    x = vgg.imagenet_to_hed(x.astype(jnp.float32))
-    features = []
-    for b, (num_convs, channels) in enumerate(vgg.VGG16_BLOCKS, start=1):
-      if b > 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-      for c in range(1, num_convs + 1):
-        x = nn.relu(layers.conv(channels, 3, 1, name=f"block{b}_conv{c}", use_bias=True,
-                                dtype=self.dtype)(x))
-      if b >= 3:
-        features.append(x)
-    return features
+def trainable_teacher(arch: str, dtype: Any = None) -> nn.Module:
+  """The frozen teacher's module and parameter tree, with trainable BatchNorm
+  (``apply(..., train=True)``) and differentiable outputs."""
+  from skrd4ad_jax import teachers  # pylint: disable=g-import-not-at-top
+  return teachers.build_teacher(arch, dtype=dtype).clone(trainable=True)
 
 
 class ConvBNReLU(nn.Module):

@@ -116,17 +116,25 @@ class ResNetTeacher(nn.Module):
   stage_sizes: Sequence[int]
   width_per_group: int = 64
   dtype: Any = None
+  # True only for RD with Expert's trainable teacher copy: BatchNorm follows
+  # ``train`` and the outputs are differentiable.
+  trainable: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
     """Maps an ImageNet-normalised RGB batch [B, H, W, 3] to the stage features.
+
+    Args:
+      x: the images.
+      train: batch statistics in BatchNorm (only with ``trainable``).
 
     Returns:
       ``[layer1, layer2, layer3]``, at strides 4, 8, 16 ([B, H/4, W/4, C1], ...).
     """
+    train = train and self.trainable
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     x = layers.conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
-    x = nn.relu(layers.batch_norm(False, name="bn1", dtype=self.dtype)(x))
+    x = nn.relu(layers.batch_norm(train, name="bn1", dtype=self.dtype)(x))
     x = layers.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
     in_channels = 64
     features = []
@@ -137,12 +145,12 @@ class ResNetTeacher(nn.Module):
         out_channels = planes * block_cls.expansion
         kwargs = dict(planes=planes, stride=stride,
                       downsample=i == 0 and (stride != 1 or in_channels != out_channels),
-                      train=False, dtype=self.dtype, name=f"layer{stage + 1}_{i}")
+                      train=train, dtype=self.dtype, name=f"layer{stage + 1}_{i}")
         if block_cls is Bottleneck:
           kwargs["width"] = planes * self.width_per_group // 64
         x = block_cls(**kwargs)(x)
         in_channels = out_channels
-      features.append(jax.lax.stop_gradient(x))
+      features.append(x if self.trainable else jax.lax.stop_gradient(x))
     return features
 
 

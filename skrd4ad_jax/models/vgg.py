@@ -47,10 +47,13 @@ class VGG16HED(nn.Module):
   """
 
   dtype: Any = None
+  # True only for RD with Expert's trainable teacher copy: differentiable outputs.
+  trainable: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
     """Maps [B, H, W, 3] to [B, H/4, W/4, 256], [B, H/8, W/8, 512], [B, H/16, W/16, 512]."""
+    del train  # no BatchNorm
     x = imagenet_to_hed(x.astype(jnp.float32))
     features = []
     for b, (num_convs, channels) in enumerate(VGG16_BLOCKS, start=1):
@@ -62,7 +65,7 @@ class VGG16HED(nn.Module):
                         kernel_init=nn.initializers.glorot_uniform(), dtype=self.dtype)(x)
         x = nn.relu(x)
       if b >= 3:
-        features.append(jax.lax.stop_gradient(x))
+        features.append(x if self.trainable else jax.lax.stop_gradient(x))
     return features
 
 
