@@ -23,13 +23,36 @@ def checkpoint_dir(workdir: str, category: str) -> str:
   return os.path.join(os.path.abspath(workdir), category, "checkpoints")
 
 
-def make_manager(workdir: str, category: str, read_only: bool = False
+def make_manager(workdir: str, category: str, read_only: bool = False, owner: int = 0
                  ) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
+  """The category's checkpoint manager.
+
+  With several processes every process opens every category's manager and
+  saves and restores collectively (orbax's multi-host protocol): the state is a
+  global array that lives on the devices of the ``owner`` process, which writes
+  it, and the owner is the primary host that writes the JSON item and the
+  checkpoint's metadata (the other processes' JSON is ignored).
+  """
+  options = ocp.options.MultiprocessingOptions(
+      primary_host=owner, barrier_sync_key_prefix=f"ckpt-{category}")
+  if jax.process_count() == 1:
+    state_handler = ocp.handlers.StandardCheckpointHandler(multiprocessing_options=options)
+  else:
+    # Only the owner's replica holds the state (``parallel.slot_sharding``): no
+    # replica-parallel writes, which would take slices from the other replicas.
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(primary_host=owner,
+                                                   use_replica_parallel=False)))
+    state_handler = ocp.handlers.PyTreeCheckpointHandler(
+        multiprocessing_options=options, type_handler_registry=registry)
+  handlers = {"state": state_handler,
+              "meta": ocp.handlers.JsonCheckpointHandler(multiprocessing_options=options)}
+  manager_options = ocp.CheckpointManagerOptions(
       create=not read_only, read_only=read_only, enable_async_checkpointing=False,
-      preservation_policy=checkpoint_managers.LatestN(KEEP_LATEST))
-  return ocp.CheckpointManager(checkpoint_dir(workdir, category), options=options,
-                               item_names=("state", "meta"))
+      preservation_policy=checkpoint_managers.LatestN(KEEP_LATEST),
+      multiprocessing_options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir, category), options=manager_options,
+                               item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
@@ -38,10 +61,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
   A finished run that is evaluated again rewrites its final step, so that the
   stored thresholds and metrics always match the latest evaluation settings.
   """
-  state = jax.device_get(state)
+  if jax.process_count() == 1:
+    state = jax.device_get(state)  # with several processes: a global array (see make_manager)
   if int(step) in manager.all_steps():
     manager.delete(int(step))
-  manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+  state_args = (ocp.args.StandardSave(state) if jax.process_count() == 1 else
+                ocp.args.PyTreeSave(state))
+  manager.save(int(step), args=ocp.args.Composite(state=state_args,
                                                   meta=ocp.args.JsonSave(meta)), force=True)
   manager.wait_until_finished()
 
@@ -58,8 +84,17 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
+  # Targets without a sharding go to the first local device (a checkpoint written by
+  # several processes records their devices, which orbax will not guess).
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_state = jax.tree.map(
+      lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=default), abstract_state)
+  state_args = (ocp.args.StandardRestore(abstract_state) if jax.process_count() == 1 else
+                ocp.args.PyTreeRestore(abstract_state, restore_args=ocp.checkpoint_utils
+                                       .construct_restore_args(abstract_state)))
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      state=state_args, meta=ocp.args.JsonRestore()))
   return restored["state"], dict(restored["meta"])
 
 

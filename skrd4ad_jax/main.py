@@ -7,6 +7,10 @@
 The workdir (default ``runs/<config name>``) receives one TensorBoard run, orbax
 checkpoints and heat-map pictures per category, and ``results.csv`` /
 ``results.md``. Re-running the same command resumes from the latest checkpoints.
+
+Several processes (TPU pod, multi-node GPU) run the same command with
+``--distributed`` (auto-detected cluster) or ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I``; see the README.
 """
 
 import os
@@ -22,7 +26,25 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                 lock_config=True)
+flags.DEFINE_bool("distributed", False,
+                  "Run as one of several processes (jax.distributed.initialize). On TPU pods, "
+                  "SLURM and Open MPI everything is detected; elsewhere also pass the three "
+                  "flags below.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (implies --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config"])
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize`` when asked to; must run before JAX is used."""
+  explicit = {"coordinator_address": FLAGS.coordinator_address,
+              "num_processes": FLAGS.num_processes, "process_id": FLAGS.process_id}
+  if not FLAGS.distributed and all(v is None for v in explicit.values()):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
 
 
 def main(argv):
@@ -31,6 +53,7 @@ def main(argv):
   # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
+  initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   from skrd4ad_jax import trainer  # pylint: disable=g-import-not-at-top
   from data_pipelines.folder import DatasetError  # pylint: disable=g-import-not-at-top

@@ -91,7 +91,8 @@ def ensure_workdir(workdir: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: several processes may share the workdir.
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -134,12 +135,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class CategoryRun:
   """Host-side bookkeeping of one category inside a parallel run."""
 
-  def __init__(self, slot: int, category: str, data, schedule: Schedule, workdir: str):
+  def __init__(self, slot: int, category: str, data, schedule: Schedule):
     self.slot = slot
     self.category = category
     self.data = data
     self.schedule = schedule
-    self.manager = checkpoints.make_manager(workdir, category)
     self.step = 0
     self.train_seconds = 0.0
     self.failed: str | None = None
@@ -170,49 +170,69 @@ class Trainer:
                        "(or set config.thresholds.source='test').")
     self.method = methods.build_method(config)
     categories = input_pipeline.resolve_categories(config.data)
+    self.mesh = parallel.make_mesh(len(categories), int(config.parallel.data_axis_size))
+    self.num_slots = parallel.num_slots(len(categories), self.mesh)
+    # With several processes each one reads, trains, evaluates and writes only the
+    # categories whose slots live on its devices.
+    local = set(parallel.local_slots(self.num_slots, self.mesh))
+    self.categories = list(categories)
+    mine = [(i, c) for i, c in enumerate(categories) if i in local]
+    logging.info("process %d/%d trains %s (slots %s of %d)", jax.process_index(),
+                 jax.process_count(), ", ".join(c for _, c in mine) or "no category",
+                 [i for i, _ in mine], self.num_slots)
     # Reading and checking every category first: bad data fail before any training.
-    datas = [input_pipeline.make_category_data(config.data, c) for c in categories]
+    datas = [input_pipeline.make_category_data(config.data, c) for _, c in mine]
     self.teacher_vars = teachers.load_teacher_variables(
         config.model.teacher, config.model.teacher_weights,
         image_size=int(config.data.image_size), seed=int(config.seed))
-    self.mesh = parallel.make_mesh(len(categories), int(config.parallel.data_axis_size))
-    self.num_slots = parallel.num_slots(len(categories), self.mesh)
     self.runs = [CategoryRun(i, c, d, make_schedule(config.train, c, d.num_train,
-                                                    self.method.default_num_steps(c)),
-                             self.workdir)
-                 for i, (c, d) in enumerate(zip(categories, datas))]
+                                                    self.method.default_num_steps(c)))
+                 for (i, c), d in zip(mine, datas)]
+    self.local_runs = {run.category: run for run in self.runs}
+    # Checkpoints are collective (every process opens every category's manager);
+    # a category's state lives on, and is written by, the process that owns its slot.
+    self.slot_shardings = {c: parallel.slot_sharding(self.num_slots, self.mesh, i)
+                           for i, c in enumerate(categories)}
+    self.managers = {c: checkpoints.make_manager(
+        self.workdir, c, owner=parallel.slot_owner(self.num_slots, self.mesh, i))
+                     for i, c in enumerate(categories)}
     hparams = _flatten(config_to_json(config))
     for run in self.runs:
-      run.writer = metric_writers.create_default_writer(
-          self.workdir, just_logging=jax.process_index() > 0, collection=run.category)
+      run.writer = metric_writers.create_default_writer(self.workdir, collection=run.category)
       run.writer.write_hparams(hparams)
     self.base_key = jax.random.PRNGKey(int(config.seed))
     self.eval_step = train.jitted_eval_step(self.method)
 
   # -- state ---------------------------------------------------------------
 
-  def initial_states(self) -> list[Any]:
-    """Each category's state: restored from its latest checkpoint, else fresh.
+  def initial_states(self) -> tuple[dict[int, Any], Any]:
+    """({slot: state} of this process's categories, the fresh state).
 
-    Every category starts from the same seed, as the official per-class scripts
-    do, so a category's run does not depend on its slot.
+    A category's state is restored from its latest checkpoint, else fresh. Every
+    category starts from the same seed, as the official per-class scripts do, so
+    a category's run does not depend on its slot; padded slots hold the fresh
+    state.
     """
     fresh = jax.jit(self.method.init)(self.base_key, self.teacher_vars)
     abstract = jax.eval_shape(lambda: fresh)
-    states = []
-    for run in self.runs:
-      restored = checkpoints.restore(run.manager, abstract)
+    states = {}
+    for slot, category in enumerate(self.categories):  # collective restores
+      target = jax.tree.map(lambda x, sh=self.slot_shardings[category]: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=sh), abstract)
+      restored = checkpoints.restore(self.managers[category], target)
+      run = self.local_runs.get(category)
+      if run is None:
+        continue
       if restored is None:
-        states.append(fresh)
+        states[slot] = fresh
         continue
       state, meta = restored
-      run.step = int(state.step)
+      run.step = int(meta["step"])
       run.train_seconds = float(meta.get("train_seconds", 0.0))
       logging.info("[%s] resumed from step %d of %d", run.category, run.step,
                    run.schedule.total_steps)
-      states.append(state)
-    states += [fresh] * (self.num_slots - len(states))
-    return states
+      states[slot] = state
+    return states, fresh
 
   def meta(self, run: CategoryRun, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"category": run.category, "step": run.step,
@@ -223,8 +243,9 @@ class Trainer:
 
   # -- evaluation ----------------------------------------------------------
 
-  def evaluate(self, run: CategoryRun, state: Any, final: bool) -> dict[str, Any]:
-    """Test metrics (+ thresholds, pictures, final checkpoint when ``final``)."""
+  def evaluate(self, run: CategoryRun, state: Any, final: bool
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(test metrics, thresholds); when ``final`` also per-image csv and pictures."""
     cfg = self.config
     eval_fn = lambda images: self.eval_step(state, self.teacher_vars, images, self.base_key)  # pylint: disable=unnecessary-lambda-assignment
     bs = int(cfg.eval.batch_size)
@@ -251,12 +272,10 @@ class Trainer:
                                                      "test_predictions.csv"))
       if cfg.eval.save_pictures:
         evaluate.save_pictures(test, thr, os.path.join(self.workdir, run.category, "images", "test"))
-      checkpoints.save(run.manager, run.step, state,
-                       self.meta(run, {"final": True, "thresholds": thr, "metrics": m}))
     run.writer.flush()
     logging.info("[%s] step %d: %s", run.category, run.step,
                  ", ".join(f"{k}={m[k]:.4f}" for k in RESULT_METRICS if k in m))
-    return m
+    return m, thr
 
   def baseline_metrics(self, run: CategoryRun) -> dict[str, float]:
     """The colour-statistics baseline on the same split (no learning involved)."""
@@ -272,8 +291,28 @@ class Trainer:
     m = evaluate.compute_metrics(test, float(self.config.eval.fpr_limit))
     return {f"baseline_{k}": m[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
 
-  def finish(self, run: CategoryRun, state: Any) -> None:
-    m = self.evaluate(run, state, final=True)
+  def save(self, category: str, step: int, stacked: Any, final: bool) -> None:
+    """Checkpoints ``category`` (collective: every process calls it at the same step).
+
+    The owner evaluates first when ``final`` (metrics and thresholds go into the
+    JSON item); the other processes only take part in the write.
+    """
+    run = self.local_runs.get(category)
+    meta = {}
+    if run is not None:
+      extra = {"final": final}
+      if final:
+        m, thr = self.finish(run, parallel.local_slot(stacked, run.slot))
+        extra.update(thresholds=thr, metrics=m)
+      meta = self.meta(run, extra)
+    slot = self.categories.index(category)
+    checkpoints.save(self.managers[category], step,
+                     parallel.slot_state(stacked, slot, self.slot_shardings[category]), meta)
+
+  def finish(self, run: CategoryRun, state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The final evaluation and results row; returns (metrics, thresholds)."""
+    m, thr = self.evaluate(run, state, final=True)
+    metrics = dict(m)
     if self.config.eval.get("baseline", False):
       m.update(self.baseline_metrics(run))
     images = run.step * int(self.config.train.batch_size)
@@ -284,6 +323,7 @@ class Trainer:
                "train_seconds": run.train_seconds,
                "train_images_per_second": images / run.train_seconds if run.train_seconds else
                float("nan")}
+    return metrics, thr
 
   # -- training ------------------------------------------------------------
 
@@ -315,59 +355,101 @@ class Trainer:
     return np.random.default_rng((int(self.config.seed), zlib.crc32(run.category.encode()),
                                   run.step))
 
-  def next_batch(self) -> dict[str, np.ndarray]:
-    """[K, B, ...] stacked host batch; inactive slots get zeros."""
-    per_slot: list[dict[str, np.ndarray] | None] = [None] * self.num_slots
+  def batch_template(self, use_cache: bool) -> dict[str, np.ndarray]:
+    """Zeros shaped like one category's training batch (the same on every process)."""
+    bs, size = int(self.config.train.batch_size), int(self.config.data.image_size)
+    images = np.zeros((bs, size, size, 3), np.float32)
+    if use_cache:
+      shapes = jax.eval_shape(self.method.teacher_features, self.teacher_vars, images)
+      return {f"feature{level + 1}": np.zeros(s.shape, s.dtype) for level, s in enumerate(shapes)}
+    batch = self.method.make_batch(images, np.random.default_rng(0), "")
+    return {k: np.zeros_like(v) for k, v in batch.items()}
+
+  def next_batch(self) -> dict[int, dict[str, np.ndarray]]:
+    """{slot: batch} of this process's active categories."""
+    per_slot = {}
     for run in self.runs:
       if run.active:
         item = next(run.iterator)
         per_slot[run.slot] = item if isinstance(item, dict) else self.method.make_batch(
             item, self.batch_rng(run), run.category)
-    template = next(b for b in per_slot if b is not None)
-    filled = [b if b is not None else {k: np.zeros_like(v) for k, v in template.items()}
-              for b in per_slot]
-    return {k: np.stack([b[k] for b in filled]) for k in template}
+    return per_slot
 
   def run(self) -> list[dict[str, Any]]:
     cfg = self.config
     bs = int(cfg.train.batch_size)
-    stacked = parallel.put_stacked(parallel.stack(self.initial_states()), self.mesh)
+    states, fresh = self.initial_states()
+    stacked = parallel.global_stacked(states, fresh, self.num_slots, self.mesh)
+    del states
     teacher_vars = parallel.put_replicated(self.teacher_vars, self.mesh)
+    base_key = parallel.put_replicated(self.base_key, self.mesh)
     p_step = parallel.make_parallel_train_step(
         self.method, self.mesh, cfg.parallel.get("category_loop", "auto"))
     use_cache = bool(cfg.train.get("cache_teacher_features", False))
     if use_cache and not self.method.supports_feature_cache:
       raise ValueError(f"config.train.cache_teacher_features needs a method without input "
                        f"augmentation; {self.method.name} augments its inputs.")
+    template = self.batch_template(use_cache)
     for run in self.runs:
       # Resumed runs continue with a fresh shuffle seeded by their step.
       seed = int(cfg.data.shuffle_seed) + run.step
       run.iterator = (self.cached_feature_batches(run, bs, seed) if use_cache and run.active
                       else run.data.train_batches(bs, seed=seed))
       run.last_logged = run.step
+    # Every process follows every category's schedule: checkpoints are collective.
+    schedules = {c: (Schedule(**sched), step) for rows in parallel.allgather_json(
+        {r.category: [dataclasses.asdict(r.schedule), r.step] for r in self.runs})
+                 for c, (sched, step) in rows.items()}
+    steps = {c: step for c, (_, step) in schedules.items()}
+    failed: set[str] = set()
     # Categories restored at their final step are only evaluated again.
-    for run in self.runs:
-      if not run.active:
-        self.finish(run, parallel.unstack(stacked, run.slot))
+    for c in self.categories:
+      if steps[c] >= schedules[c][0].total_steps:
+        self.save(c, steps[c], stacked, final=True)
+    # Every process runs the program as often as the longest schedule of the run needs.
+    iterations = max((sched.total_steps - steps[c] for c, (sched, _) in schedules.items()),
+                     default=0)
     log_every = max(1, int(cfg.train.log_every_steps))
     console_t, console_steps, loop_steps = time.time(), 0, 0
-    while any(r.active for r in self.runs):
-      active = np.array([i < len(self.runs) and self.runs[i].active
-                         for i in range(self.num_slots)])
-      batch = parallel.put_batch(self.next_batch(), self.mesh)
+    for _ in range(iterations):
+      stepping = [c for c in self.categories
+                  if c not in failed and steps[c] < schedules[c][0].total_steps]
+      if not stepping:
+        break  # e.g. the longest category stopped on a NaN loss
+      active = parallel.global_stacked({r.slot: np.bool_(r.active) for r in self.runs},
+                                       np.bool_(False), self.num_slots, self.mesh)
+      batch = parallel.global_batch(self.next_batch(), template, self.num_slots, self.mesh)
       t0 = time.time()
-      stacked, metrics = p_step(stacked, teacher_vars, batch, self.base_key, active)
-      stepped = [r for r in self.runs if r.active]
-      boundary = [r for r in stepped if self._is_boundary(r.step + 1, r.schedule, log_every)]
-      host_metrics = jax.device_get(metrics) if boundary else None  # waits for the step
+      stacked, metrics = p_step(stacked, teacher_vars, batch, base_key, active)
+      for c in stepping:
+        steps[c] += 1
+      events = [c for c in stepping if self._is_boundary(steps[c], schedules[c][0], log_every)]
+      local_events = [self.local_runs[c] for c in events if c in self.local_runs]
+      # Reading the metrics waits for the step.
+      host_metrics = ({k: parallel.slot_values(v) for k, v in metrics.items()}
+                      if local_events else None)
       dt = time.time() - t0  # without a boundary: dispatch only; the wait lands later
       loop_steps += 1
-      for run in stepped:
-        run.step += 1
-        run.train_seconds += dt
-      for run in boundary:
+      for run in self.runs:
+        if run.category in stepping:
+          run.step += 1
+          run.train_seconds += dt
+      if not events:
+        continue
+      for run in local_events:
         self._on_boundary(run, stacked, host_metrics)
-      if boundary and any(r.active for r in self.runs):
+      # Which categories stopped on a NaN loss: every process must know (collective).
+      failed.update(c for cs in parallel.allgather_json(
+          [r.category for r in self.runs if r.failed]) for c in cs)
+      for c in events:
+        sched = schedules[c][0]
+        if c in failed:
+          continue
+        if steps[c] == sched.total_steps:
+          self.save(c, steps[c], stacked, final=True)
+        elif sched.checkpoint_every and steps[c] % sched.checkpoint_every == 0:
+          self.save(c, steps[c], stacked, final=False)
+      if local_events and any(r.active for r in self.runs):
         sec_per_step = (time.time() - console_t) / max(1, loop_steps - console_steps)
         console_t, console_steps = time.time(), loop_steps
         left = max(r.schedule.total_steps - r.step for r in self.runs if r.active)
@@ -383,6 +465,7 @@ class Trainer:
             or (s.checkpoint_every and step % s.checkpoint_every == 0))
 
   def _on_boundary(self, run: CategoryRun, stacked: Any, host_metrics: dict) -> None:
+    """Logs the category's training scalars, checks the loss, evaluates when due."""
     s = run.schedule
     scalars = {f"train/{k}": float(v[run.slot]) for k, v in host_metrics.items()}
     epoch = run.step / s.steps_per_epoch
@@ -399,25 +482,22 @@ class Trainer:
       logging.error("%s", e)
       return
     run.last_logged = run.step
-    if run.step == s.total_steps:
-      self.finish(run, parallel.unstack(stacked, run.slot))
-      return
-    if s.checkpoint_every and run.step % s.checkpoint_every == 0:
-      checkpoints.save(run.manager, run.step, parallel.unstack(stacked, run.slot),
-                       self.meta(run, {"final": False}))
-    if s.eval_every and run.step % s.eval_every == 0:
-      self.evaluate(run, parallel.unstack(stacked, run.slot), final=False)
+    if s.eval_every and run.step % s.eval_every == 0 and run.step < s.total_steps:
+      self.evaluate(run, parallel.local_slot(stacked, run.slot), final=False)
 
   # -- results -------------------------------------------------------------
 
   def write_results(self) -> list[dict[str, Any]]:
+    """results.csv / results.md of every category (gathered from all processes)."""
     cfg = self.config
-    rows = []
+    local = []
     for run in self.runs:
       if run.row is not None:
-        rows.append(run.row)
+        local.append(run.row)
       else:
-        rows.append({"category": run.category, "status": f"failed: {run.failed}"})
+        local.append({"category": run.category, "status": f"failed: {run.failed}"})
+    by_category = {r["category"]: r for rows in parallel.allgather_json(local) for r in rows}
+    rows = [by_category[c] for c in self.categories if c in by_category]
     notes = [
         f"method: {self.method.name}; teacher: {cfg.model.teacher} "
         f"(weights: {cfg.model.teacher_weights or 'default'}); image size {cfg.data.image_size}.",
@@ -428,20 +508,20 @@ class Trainer:
         f"Thresholds chosen on: {'held-out normal training images' if cfg.thresholds.source == 'val' else 'the test set (optimistic, as the peers do)'}.",
     ]
     notes += self.method.notes()
-    if self.num_slots > 1 and len(self.runs) > 1:
+    if self.num_slots > 1 and len(self.categories) > 1:
       notes.append("Categories trained in parallel: train_seconds is the shared wall time of "
                    "the steps each category took part in.")
     good = [r for r in rows if "status" not in r]
-    if good:
+    if good and jax.process_index() == 0:
       results_lib.write_results_table(good, self.workdir, dataset=cfg.data.dataset, notes=notes)
       print(results_lib.format_console_table(good, dataset=cfg.data.dataset))
     for run in self.runs:
       run.writer.close()
-    failed = [r for r in self.runs if r.failed]
+    failed = [r for r in rows if "status" in r]
     if failed:
       raise RuntimeError("Training failed for " + "; ".join(
-          f"{r.category}: {r.failed}" for r in failed) + ". Results of the other categories "
-          f"are in {self.workdir}/results.md.")
+          f"{r['category']}: {r['status'][len('failed: '):]}" for r in failed)
+          + f". Results of the other categories are in {self.workdir}/results.md.")
     return rows
 
 

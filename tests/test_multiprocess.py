@@ -1,0 +1,150 @@
+"""Several processes (issue 6, point 4): 2 processes on localhost = one process.
+
+The main job runs once as a single process with 2 simulated CPU devices, and
+once as 2 processes (``jax.distributed`` on localhost, CPU collectives) with one
+device each. Both have the same global mesh (2 devices, 4 slots: brick and grass
+on the first device, gravel and a padded slot on the second), so each category
+must end with the same parameters and metrics. Each process must read and train
+only the categories on its own device. About 1.5 minutes on 2 CPU cores.
+"""
+
+import csv
+import glob
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import test_parallel as tp
+
+REPO = tp.REPO
+CATEGORIES = tp.CATEGORIES
+NUM_TRAIN = tp.NUM_TRAIN
+EPOCHS = 3
+# Command-line form of test_parallel's overrides (configs/tiny.py made smaller).
+FLAGS = [
+    "--config.data.image_size=64", "--config.model.oce_blocks=1",
+    "--config.model.decoder_blocks=(1,1,1)", "--config.train.batch_size=2",
+    f"--config.train.epochs={EPOCHS}", "--config.train.log_every_steps=100",
+    "--config.train.checkpoint_every_epochs=1", "--config.eval.save_pictures=False",
+    "--config.eval.tensorboard_pictures=0",
+]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _command(workdir, data_root, extra=()):
+  return [sys.executable, "-m", "skrd4ad_jax.main",
+          f"--config=configs/tiny.py:{','.join(CATEGORIES)}", f"--workdir={workdir}",
+          f"--config.data.root={data_root}", *FLAGS, *extra]
+
+
+def _env(num_devices, cache_dir):
+  flags = os.environ.get("XLA_FLAGS", "")
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+              JAX_COMPILATION_CACHE_DIR=cache_dir,
+              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}".strip(),
+              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  """A 64 px demo tree whose categories have 11 / 8 / 5 normal training images."""
+  from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
+  root = demo_data.ensure_demo_dataset(
+      str(tmp_path_factory.mktemp("multiprocess_data") / "demo"), seed=0, image_size=64,
+      num_train=max(NUM_TRAIN.values()), num_test_good=2, num_test_per_defect=1)
+  for category, keep in NUM_TRAIN.items():
+    for path in sorted(glob.glob(os.path.join(root, category, "train", "good", "*.png")))[keep:]:
+      os.remove(path)
+  return root
+
+
+def _run_two_processes(workdir, data_root, cache_dir):
+  """Runs the main job as 2 processes on localhost; returns their logs."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _command(workdir, data_root, [f"--coordinator_address=localhost:{port}",
+                                    "--num_processes=2", f"--process_id={i}"]),
+      cwd=REPO, env=_env(1, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=400)
+      logs.append(out + err)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-6000:]}"
+  return logs
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, "results.csv"), newline="") as f:
+    return {r["category"]: r for r in csv.DictReader(f) if r["category"] in CATEGORIES}
+
+
+def test_two_processes_equal_one_process(data_root, tmp_path):
+  cache_dir = str(tmp_path / "xla_cache")
+  single = tmp_path / "single"
+  proc = subprocess.run(_command(single, data_root), cwd=REPO, env=_env(2, cache_dir),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+
+  multi = tmp_path / "multi"
+  logs = _run_two_processes(multi, data_root, cache_dir)
+  # Two processes, one global mesh of 2 devices; each trains only its own categories.
+  for i, expected in enumerate(("brick, grass", "gravel")):
+    assert f"JAX process {i}/2" in logs[i]
+    trains = re.search(r"process \d/2 trains (.*) \(slots (.*) of (\d+)\)", logs[i])
+    assert trains, logs[i][-3000:]
+    assert trains.group(1) == expected and trains.group(3) == "4", trains.group(0)
+    others = set(CATEGORIES) - set(expected.split(", "))
+    # Progress and evaluation lines only of its own categories.
+    assert not any(f"[{c}]" in logs[i] for c in others), logs[i][-3000:]
+
+  # The same numbers as the single process: parameters, batch statistics, metrics.
+  from skrd4ad_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config = tp.tiny_config(CATEGORIES, data_root, **{"train.epochs": EPOCHS})
+  ref_rows, rows = _results(single), _results(multi)
+  assert sorted(rows) == sorted(CATEGORIES)
+  for c in CATEGORIES:
+    ref_state, ref_meta = tp.restore_final(str(single), c, config)
+    state, meta = tp.restore_final(str(multi), c, config)
+    steps = tp.EXPECTED_STEPS[c] // tp.EPOCHS * EPOCHS  # steps per epoch x epochs
+    assert int(state.step) == int(ref_state.step) == steps
+    diff = tp.max_abs_diff(state.params, ref_state.params)
+    print(f"{c}: max |params difference| = {diff:.3g}")
+    assert diff <= tp.PARAM_ATOL, f"{c}: params differ by {diff:.3g}"
+    assert tp.max_abs_diff(state.batch_stats, ref_state.batch_stats) <= tp.PARAM_ATOL
+    for m in tp.METRICS:
+      assert abs(meta["metrics"][m] - ref_meta["metrics"][m]) <= tp.METRIC_ATOL, (c, m)
+      assert float(rows[c][m]) == pytest.approx(float(ref_rows[c][m]), abs=tp.METRIC_ATOL)
+    # Everything a category leaves is written by its own process.
+    assert os.path.isfile(multi / c / "test_predictions.csv")
+    assert glob.glob(str(multi / c / "events.out.tfevents.*"))
+    # Periodic (every epoch; the last two kept) and final checkpoints, written collectively.
+    manager = checkpoints.make_manager(str(multi), c, read_only=True)
+    assert sorted(manager.all_steps()) == [steps - steps // EPOCHS, steps]
+
+  # Re-running the finished 2-process job restores every category (collectively) at
+  # its final step and only evaluates again: same state, same metrics.
+  logs = _run_two_processes(multi, data_root, cache_dir)
+  assert "resumed from step 12 of 12" in logs[0] and "resumed from step 6 of 6" in logs[1]
+  again = _results(multi)
+  for c in CATEGORIES:
+    state, meta = tp.restore_final(str(multi), c, config)
+    ref_state, _ = tp.restore_final(str(single), c, config)
+    assert tp.max_abs_diff(state.params, ref_state.params) <= tp.PARAM_ATOL
+    for m in tp.METRICS:
+      assert float(again[c][m]) == pytest.approx(float(rows[c][m]), abs=1e-6)
