@@ -227,6 +227,8 @@ class Trainer:
         states[slot] = fresh
         continue
       state, meta = restored
+      # This process's copy (the state lives on its device; see parallel.slot_sharding).
+      state = jax.tree.map(lambda x: x.addressable_data(0), state)
       run.step = int(meta["step"])
       run.train_seconds = float(meta.get("train_seconds", 0.0))
       logging.info("[%s] resumed from step %d of %d", run.category, run.step,
