@@ -47,8 +47,6 @@ class VGG16HED(nn.Module):
   """
 
   dtype: Any = None
-  # 1-based VGG blocks whose last conv (after ReLU) is tapped.
-  taps: tuple[int, ...] = (3, 4, 5)
   # True only for RD with Expert's trainable teacher copy: differentiable outputs.
   trainable: bool = False
 
@@ -66,10 +64,8 @@ class VGG16HED(nn.Module):
         x = layers.conv(channels, 3, 1, name=f"block{b}_conv{c}", use_bias=True,
                         kernel_init=nn.initializers.glorot_uniform(), dtype=self.dtype)(x)
         x = nn.relu(x)
-      if b in self.taps:
+      if b >= 3:
         features.append(x if self.trainable else jax.lax.stop_gradient(x))
-      if b == max(self.taps):
-        break
     return features
 
 
