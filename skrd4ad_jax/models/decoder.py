@@ -13,7 +13,7 @@ stage 3 takes ReLU(D2 + E2); the returned D1, D2 are the pre-addition outputs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -102,20 +102,39 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z: jax.Array, teacher_features: Sequence[jax.Array] | None = None,
                train: bool = False) -> list[jax.Array]:
-    block_cls = DECODER_BLOCKS[self.block]
-    expansion = 4 if self.block == "bottleneck" else 1
-    x = z
-    outputs = []
-    for stage, out_ch in enumerate(reversed(tuple(self.channels))):
-      if stage > 0 and self.skip:
-        # E3 (target of D1) feeds stage 2, E2 (target of D2) feeds stage 3.
-        x = nn.relu(x + teacher_features[len(self.channels) - stage].astype(x.dtype))
-      planes = out_ch // expansion
-      width = planes * self.width_per_group // 64
-      for i in range(self.blocks[stage]):
-        # Block 0 up-samples (stride 2), so it always has the deconv shortcut.
-        x = block_cls(planes=planes, width=width, upsample=i == 0, shortcut=i == 0,
-                      train=train, expansion=expansion, dtype=self.dtype,
-                      name=f"layer{stage + 1}_{i}")(x)
-      outputs.append(x)
-    return outputs[::-1]  # [D3, D2, D1] pairs with [E1, E2, E3]
+    def skip(stage, x):
+      if not self.skip:
+        return x
+      # E3 (target of D1) feeds stage 2, E2 (target of D2) feeds stage 3.
+      return nn.relu(x + teacher_features[len(self.channels) - stage].astype(x.dtype))
+
+    return decoder_stages(z, self.channels, self.block, self.blocks, self.width_per_group,
+                          train, self.dtype, skip)
+
+
+def decoder_stages(z: jax.Array, channels: Sequence[int], block: str, blocks: Sequence[int],
+                   width_per_group: int, train: bool, dtype: Any,
+                   before_stage: Callable[[int, jax.Array], jax.Array]) -> list[jax.Array]:
+  """The ``de_resnet`` stage loop; call it inside a compact module's ``__call__``.
+
+  Stage ``s`` (0, 1, 2) mirrors teacher level 3 - s; its blocks are named
+  ``layer{s+1}_{i}`` in the calling module. ``before_stage(s, x)`` transforms the
+  input of stages 1 and 2 (SK-RD4AD skips, URD's guided injection).
+  Returns [D3, D2, D1], which pair with the teacher's [E1, E2, E3].
+  """
+  block_cls = DECODER_BLOCKS[block]
+  expansion = 4 if block == "bottleneck" else 1
+  x = z
+  outputs = []
+  for stage, out_ch in enumerate(reversed(tuple(channels))):
+    if stage > 0:
+      x = before_stage(stage, x)
+    planes = out_ch // expansion
+    width = planes * width_per_group // 64
+    for i in range(blocks[stage]):
+      # Block 0 up-samples (stride 2), so it always has the deconv shortcut.
+      x = block_cls(planes=planes, width=width, upsample=i == 0, shortcut=i == 0,
+                    train=train, expansion=expansion, dtype=dtype,
+                    name=f"layer{stage + 1}_{i}")(x)
+    outputs.append(x)
+  return outputs[::-1]

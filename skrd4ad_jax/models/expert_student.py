@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from skrd4ad_jax import losses
 from skrd4ad_jax.models import layers
-from skrd4ad_jax.models.decoder import DECODER_BLOCKS
+from skrd4ad_jax.models.decoder import decoder_stages
 from skrd4ad_jax.models.student import StudentLayout, ocbe_for
 
 FUSION_MODULES = ("fuse_skip", "conv3x3_simattn", "conv1x1_downsample_dim", "fuse_encoder")
@@ -101,22 +101,10 @@ class GuidedDecoder(nn.Module):
                train: bool = False) -> list[jax.Array]:
     """z [B, h, w, Cz], teacher [T1, T2, T3] -> [D3, D2, D1]."""
     lay = self.layout
-    block_cls = DECODER_BLOCKS[lay.block]
-    expansion = 4 if lay.block == "bottleneck" else 1
     n = len(lay.channels)
-    x = z
-    outputs = []
-    for stage, out_ch in enumerate(reversed(tuple(lay.channels))):
-      if stage > 0:
-        x = self._inject(x, features, n - 1 - stage, train)
-      planes = out_ch // expansion
-      width = planes * lay.decoder_width_per_group // 64
-      for i in range(lay.decoder_blocks[stage]):
-        x = block_cls(planes=planes, width=width, upsample=i == 0, shortcut=i == 0,
-                      train=train, expansion=expansion, dtype=self.dtype,
-                      name=f"layer{stage + 1}_{i}")(x)
-      outputs.append(x)
-    return outputs[::-1]  # [D3, D2, D1] pairs with [T1, T2, T3]
+    return decoder_stages(
+        z, lay.channels, lay.block, lay.decoder_blocks, lay.decoder_width_per_group, train,
+        self.dtype, lambda stage, x: self._inject(x, features, n - 1 - stage, train))
 
   def _inject(self, d: jax.Array, features: Sequence[jax.Array], i: int,
               train: bool) -> jax.Array:
