@@ -19,10 +19,10 @@ import sys
 import pytest
 
 import test_parallel as tp
+from test_parallel import data_root  # pylint: disable=unused-import  (a fixture)
 
 REPO = tp.REPO
 CATEGORIES = tp.CATEGORIES
-NUM_TRAIN = tp.NUM_TRAIN
 EPOCHS = 3
 # Command-line form of test_parallel's overrides (configs/tiny.py made smaller).
 FLAGS = [
@@ -46,35 +46,14 @@ def _command(workdir, data_root, extra=()):
           f"--config.data.root={data_root}", *FLAGS, *extra]
 
 
-def _env(num_devices, cache_dir):
-  flags = os.environ.get("XLA_FLAGS", "")
-  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-              JAX_COMPILATION_CACHE_DIR=cache_dir,
-              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}".strip(),
-              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  """A 64 px demo tree whose categories have 11 / 8 / 5 normal training images."""
-  from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
-  root = demo_data.ensure_demo_dataset(
-      str(tmp_path_factory.mktemp("multiprocess_data") / "demo"), seed=0, image_size=64,
-      num_train=max(NUM_TRAIN.values()), num_test_good=2, num_test_per_defect=1)
-  for category, keep in NUM_TRAIN.items():
-    for path in sorted(glob.glob(os.path.join(root, category, "train", "good", "*.png")))[keep:]:
-      os.remove(path)
-  return root
-
-
 def _run_two_processes(workdir, data_root, cache_dir):
   """Runs the main job as 2 processes on localhost; returns their logs."""
   port = _free_port()
   procs = [subprocess.Popen(
       _command(workdir, data_root, [f"--coordinator_address=localhost:{port}",
                                     "--num_processes=2", f"--process_id={i}"]),
-      cwd=REPO, env=_env(1, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
+      cwd=REPO, env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   logs = []
   try:
     for p in procs:
@@ -97,7 +76,8 @@ def _results(workdir):
 def test_two_processes_equal_one_process(data_root, tmp_path):
   cache_dir = str(tmp_path / "xla_cache")
   single = tmp_path / "single"
-  proc = subprocess.run(_command(single, data_root), cwd=REPO, env=_env(2, cache_dir),
+  proc = subprocess.run(_command(single, data_root), cwd=REPO,
+                        env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-6000:]
 

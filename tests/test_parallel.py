@@ -285,18 +285,23 @@ def _resume_worker(spec):
 WORKERS = {"train": _train_worker, "step": _step_worker, "resume": _resume_worker}
 
 
+def cpu_env(num_devices, **extra):
+  """The environment of a subprocess with ``num_devices`` simulated CPU devices."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}".strip(),
+              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
 def run_worker(kind, spec, tmp_path, cache_dir, num_devices=NUM_DEVICES, timeout=900):
   """Runs ``WORKERS[kind](spec)`` in a subprocess with ``num_devices`` CPU devices."""
   spec = {**spec, "kind": kind, "cache_dir": cache_dir,
           "output": str(tmp_path / f"{kind}_result.json")}
   spec_path = tmp_path / f"{kind}_spec.json"
   spec_path.write_text(json.dumps(spec))
-  flags = os.environ.get("XLA_FLAGS", "")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={num_devices}".strip(),
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(spec_path)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+                        env=cpu_env(num_devices), capture_output=True, text=True,
+                        timeout=timeout)
   assert proc.returncode == 0, (f"{kind} worker failed:\n{proc.stdout[-3000:]}\n"
                                 f"{proc.stderr[-6000:]}")
   with open(spec["output"]) as f:
