@@ -399,23 +399,24 @@ class Trainer:
                       else run.data.train_batches(bs, seed=seed))
       run.last_logged = run.step
     # Every process follows every category's schedule: checkpoints are collective.
-    schedules = {c: (Schedule(**sched), step) for rows in parallel.allgather_json(
+    gathered = {c: v for rows in parallel.allgather_json(
         {r.category: [dataclasses.asdict(r.schedule), r.step] for r in self.runs})
-                 for c, (sched, step) in rows.items()}
-    steps = {c: step for c, (_, step) in schedules.items()}
+                for c, v in rows.items()}
+    schedules = {c: Schedule(**sched) for c, (sched, _) in gathered.items()}
+    steps = {c: step for c, (_, step) in gathered.items()}
     failed: set[str] = set()
     # Categories restored at their final step are only evaluated again.
     for c in self.categories:
-      if steps[c] >= schedules[c][0].total_steps:
+      if steps[c] >= schedules[c].total_steps:
         self.save(c, steps[c], stacked, final=True)
     # Every process runs the program as often as the longest schedule of the run needs.
-    iterations = max((sched.total_steps - steps[c] for c, (sched, _) in schedules.items()),
+    iterations = max((sched.total_steps - steps[c] for c, sched in schedules.items()),
                      default=0)
     log_every = max(1, int(cfg.train.log_every_steps))
     console_t, console_steps, loop_steps = time.time(), 0, 0
     for _ in range(iterations):
       stepping = [c for c in self.categories
-                  if c not in failed and steps[c] < schedules[c][0].total_steps]
+                  if c not in failed and steps[c] < schedules[c].total_steps]
       if not stepping:
         break  # e.g. the longest category stopped on a NaN loss
       active = parallel.global_stacked({r.slot: np.bool_(r.active) for r in self.runs},
@@ -425,7 +426,7 @@ class Trainer:
       stacked, metrics = p_step(stacked, teacher_vars, batch, base_key, active)
       for c in stepping:
         steps[c] += 1
-      events = [c for c in stepping if self._is_boundary(steps[c], schedules[c][0], log_every)]
+      events = [c for c in stepping if self._is_boundary(steps[c], schedules[c], log_every)]
       local_events = [self.local_runs[c] for c in events if c in self.local_runs]
       # Reading the metrics waits for the step.
       host_metrics = ({k: parallel.slot_values(v) for k, v in metrics.items()}
@@ -444,7 +445,7 @@ class Trainer:
       failed.update(c for cs in parallel.allgather_json(
           [r.category for r in self.runs if r.failed]) for c in cs)
       for c in events:
-        sched = schedules[c][0]
+        sched = schedules[c]
         if c in failed:
           continue
         if steps[c] == sched.total_steps:
