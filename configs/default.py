@@ -49,6 +49,9 @@ def get_config():
   config.anomaly_map.truncate = 4.0  # scipy's default: 33 taps at sigma 4
   # 'reflect' = scipy's (edge duplicated; official); 'mirror' = torch/anomalib's.
   config.anomaly_map.blur_mode = "reflect"
+  # Levels (1 = the shallowest teacher tap) summed into the map; the official code
+  # uses all three. Training always distils every level.
+  config.anomaly_map.levels = (1, 2, 3)
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200

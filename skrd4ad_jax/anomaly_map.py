@@ -1,14 +1,15 @@
 """Anomaly maps and image scores from teacher/student disagreement (RD4AD ``test.py``).
 
 Per level 1 - cosine over channels, bilinear up-sampling (align_corners=True) to
-the input size, sum ('add', the evaluation default) or product ('mul'), Gaussian
-smoothing with scipy's semantics (sigma 4, truncate 4, border 'reflect'), and the
-image score is the map's maximum. Everything is jittable and batched.
+the input size, sum ('add', the evaluation default) or product ('mul') over the
+selected levels (all three in the official code), Gaussian smoothing with scipy's
+semantics (sigma 4, truncate 4, border 'reflect'), and the image score is the
+map's maximum. Everything is jittable and batched.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ def cosine_distance_map(t: jax.Array, s: jax.Array) -> jax.Array:
 
 def anomaly_map(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
                 out_size: tuple[int, int], mode: str = "add", sigma: float = 4.0,
-                truncate: float = 4.0, blur_mode: str = "reflect") -> jax.Array:
+                truncate: float = 4.0, blur_mode: str = "reflect",
+                levels: Optional[Sequence[int]] = None) -> jax.Array:
   """The smoothed anomaly map [B, H, W] (float32).
 
   Args:
@@ -37,12 +39,21 @@ def anomaly_map(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
     sigma: Gaussian sigma in pixels (0 disables smoothing).
     truncate: kernel radius in sigmas (scipy's default 4.0 -> 33 taps at sigma 4).
     blur_mode: 'reflect' (scipy, edge duplicated; official) or 'mirror' (anomalib).
+    levels: 1-based levels combined into the map (1 = the teacher's shallowest
+      tap, E1 vs its student reconstruction); None = all (the official code).
   """
   if mode not in MAP_MODES:
     raise ValueError(f"Unknown anomaly map mode {mode!r}; choose one of {MAP_MODES} "
                      "(config.anomaly_map.mode).")
+  levels = (tuple(range(1, len(teacher) + 1)) if levels is None
+            else tuple(int(level) for level in levels))
+  if not levels or any(not 1 <= level <= len(teacher) for level in levels):
+    raise ValueError(f"Anomaly map levels {levels} must be a non-empty subset of "
+                     f"1..{len(teacher)} (config.anomaly_map.levels).")
   combined = None
-  for t, s in zip(teacher, student):
+  for level_index, (t, s) in enumerate(zip(teacher, student), start=1):
+    if level_index not in levels:
+      continue
     level = interpolation.resize_align_corners(cosine_distance_map(t, s), out_size)
     if combined is None:
       combined = level

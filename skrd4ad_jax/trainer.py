@@ -504,6 +504,10 @@ class Trainer:
     notes = [
         f"method: {self.method.name}; teacher: {cfg.model.teacher} "
         f"(weights: {cfg.model.teacher_weights or 'default'}); image size {cfg.data.image_size}.",
+        f"Loss: {cfg.loss.kind} (official code: flat_cosine); anomaly map: "
+        f"{cfg.anomaly_map.mode} of levels "
+        f"{tuple(cfg.anomaly_map.get('levels', (1, 2, 3)))} (official: (1, 2, 3)), "
+        f"Gaussian sigma {cfg.anomaly_map.sigma:g}.",
         "Our metrics are those of the last training step on the test set; no checkpoint "
         "or epoch was selected on the test set.",
         "pixel_aupro: pooled MVTec/anomalib protocol (FPR <= 0.3). pixel_aupro_rd4ad: "

@@ -228,6 +228,16 @@ def test_anomaly_map_against_scipy(feature_pairs, mode, scipy_mode):
   np.testing.assert_allclose(prod, levels[0] * levels[1] * levels[2], atol=1e-5)
   np.testing.assert_allclose(np.asarray(amap.image_score(jnp.asarray(got))), ref.max(axis=(1, 2)),
                              atol=1e-5)
+  # config.anomaly_map.levels: a subset of the levels, in any order.
+  np.testing.assert_allclose(
+      np.asarray(amap.anomaly_map(t, s, size, sigma=0.0, levels=(2, 1))), levels[0] + levels[1],
+      atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(amap.anomaly_map(t, s, size, mode="mul", sigma=0.0, levels=(3,))), levels[2],
+      atol=1e-5)
+  for bad in ((), (0, 1), (4,)):
+    with pytest.raises(ValueError, match="config.anomaly_map.levels"):
+      amap.anomaly_map(t, s, size, levels=bad)
 
 
 def stripe_images(n, rng, size=64):

@@ -73,6 +73,7 @@ def test_run_leaves_everything_per_category(tiny_run):
   with open(os.path.join(workdir, "results.md")) as f:
     md = f.read()
   assert "last" in md and "test set" in md
+  assert "Loss: flat_cosine" in md and "levels (1, 2, 3)" in md  # The recipe is stated.
 
 
 @pytest.fixture

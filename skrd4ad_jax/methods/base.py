@@ -47,7 +47,7 @@ class Method:
     self.teacher = teachers.build_teacher(config.model.teacher, dtype=self.dtype)
     m = config.anomaly_map
     self.map_kwargs = dict(mode=m.mode, sigma=float(m.sigma), truncate=float(m.truncate),
-                           blur_mode=m.blur_mode)
+                           blur_mode=m.blur_mode, levels=tuple(m.get("levels", (1, 2, 3))))
 
   def teacher_features(self, teacher_vars: Any, images: jax.Array) -> list[jax.Array]:
     """[E1, E2, E3] of the frozen teacher (already under stop_gradient)."""
