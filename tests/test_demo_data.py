@@ -119,7 +119,9 @@ def test_masks_mark_exactly_the_changed_pixels(category):
       # the holes enclosed by changed pixels.
       assert not (changed & ~mask).any(), kind
       assert np.array_equal(mask, ndi.binary_fill_holes(changed)), kind
-      assert changed[mask].mean() > 0.8, kind
+      # (A quarter-turned disk of brick keeps ~25 % of its pixels at half
+      # resolution: mortar and brick faces land on their like.)
+      assert changed[mask].mean() > 0.7, kind
       # Local: nothing changes outside a small neighbourhood of the mask.
       near = ndi.binary_dilation(mask, iterations=3)
       assert diff[~near].max(initial=0) <= demo_data.MASK_EPS, kind
@@ -136,6 +138,9 @@ def test_masks_mark_exactly_the_changed_pixels(category):
         assert abs(shift) < 0.3 and 0.8 < ratio < 1.25, (kind, shift, ratio)
       elif kind == "stain":
         assert shift < -0.3, (kind, shift)
+      elif kind == "scratch":  # Visible: the line's contrast is ~2 grey-level stds.
+        contrast = np.percentile(diff[mask], 90) / clean[..., 0].std()
+        assert contrast > 1.5, (kind, contrast)
 
 
 def test_defects_survive_resizing_to_64(small_root):
