@@ -501,11 +501,15 @@ class Trainer:
         local.append({"category": run.category, "status": f"failed: {run.failed}"})
     by_category = {r["category"]: r for rows in parallel.allgather_json(local) for r in rows}
     rows = [by_category[c] for c in self.categories if c in by_category]
+    described = self.method.describe()
+    # RD-style distillation losses (RD4AD, SK-RD4AD, MRKD); URD has its own.
+    loss_note = (f"Loss: {described['loss']} (official code: flat_cosine); "
+                 if "loss" in described else "")
     notes = [
         f"method: {self.method.name}; teacher: {cfg.model.teacher} "
         f"(weights: {cfg.model.teacher_weights or 'default'}); image size {cfg.data.image_size}.",
-        f"Loss: {cfg.loss.kind} (official code: flat_cosine); anomaly map: "
-        f"{cfg.anomaly_map.mode} of levels "
+        loss_note + ("anomaly map" if loss_note else "Anomaly map")
+        + f": {cfg.anomaly_map.mode} of levels "
         f"{tuple(cfg.anomaly_map.get('levels', (1, 2, 3)))} (official: (1, 2, 3)), "
         f"Gaussian sigma {cfg.anomaly_map.sigma:g}.",
         "Our metrics are those of the last training step on the test set; no checkpoint "
