@@ -25,6 +25,20 @@ def cosine_distance_map(t: jax.Array, s: jax.Array) -> jax.Array:
   return 1.0 - cosine_similarity(t, s, axis=-1)
 
 
+def map_levels(mode: str, levels: Optional[Sequence[int]], num_levels: int
+               ) -> tuple[int, ...]:
+  """Checks the map settings; returns the 1-based levels to combine (None = all)."""
+  if mode not in MAP_MODES:
+    raise ValueError(f"Unknown anomaly map mode {mode!r}; choose one of {MAP_MODES} "
+                     "(config.anomaly_map.mode).")
+  levels = (tuple(range(1, num_levels + 1)) if levels is None
+            else tuple(int(level) for level in levels))
+  if not levels or any(not 1 <= level <= num_levels for level in levels):
+    raise ValueError(f"Anomaly map levels {levels} must be a non-empty subset of "
+                     f"1..{num_levels} (config.anomaly_map.levels).")
+  return levels
+
+
 def anomaly_map(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
                 out_size: tuple[int, int], mode: str = "add", sigma: float = 4.0,
                 truncate: float = 4.0, blur_mode: str = "reflect",
@@ -42,14 +56,7 @@ def anomaly_map(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
     levels: 1-based levels combined into the map (1 = the teacher's shallowest
       tap, E1 vs its student reconstruction); None = all (the official code).
   """
-  if mode not in MAP_MODES:
-    raise ValueError(f"Unknown anomaly map mode {mode!r}; choose one of {MAP_MODES} "
-                     "(config.anomaly_map.mode).")
-  levels = (tuple(range(1, len(teacher) + 1)) if levels is None
-            else tuple(int(level) for level in levels))
-  if not levels or any(not 1 <= level <= len(teacher) for level in levels):
-    raise ValueError(f"Anomaly map levels {levels} must be a non-empty subset of "
-                     f"1..{len(teacher)} (config.anomaly_map.levels).")
+  levels = map_levels(mode, levels, len(teacher))
   combined = None
   for level_index, (t, s) in enumerate(zip(teacher, student), start=1):
     if level_index not in levels:

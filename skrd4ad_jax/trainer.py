@@ -505,13 +505,13 @@ class Trainer:
     # RD-style distillation losses (RD4AD, SK-RD4AD, MRKD); URD has its own.
     loss_note = (f"Loss: {described['loss']} (official code: flat_cosine); "
                  if "loss" in described else "")
+    map_kwargs = self.method.map_kwargs
     notes = [
         f"method: {self.method.name}; teacher: {cfg.model.teacher} "
         f"(weights: {cfg.model.teacher_weights or 'default'}); image size {cfg.data.image_size}.",
         loss_note + ("anomaly map" if loss_note else "Anomaly map")
-        + f": {cfg.anomaly_map.mode} of levels "
-        f"{tuple(cfg.anomaly_map.get('levels', (1, 2, 3)))} (official: (1, 2, 3)), "
-        f"Gaussian sigma {cfg.anomaly_map.sigma:g}.",
+        + f": {map_kwargs['mode']} of levels {map_kwargs['levels']} (official: (1, 2, 3)), "
+        f"Gaussian sigma {map_kwargs['sigma']:g}.",
         "Our metrics are those of the last training step on the test set; no checkpoint "
         "or epoch was selected on the test set.",
         "pixel_aupro: pooled MVTec/anomalib protocol (FPR <= 0.3). pixel_aupro_rd4ad: "

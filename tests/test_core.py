@@ -240,6 +240,17 @@ def test_anomaly_map_against_scipy(feature_pairs, mode, scipy_mode):
       amap.anomaly_map(t, s, size, levels=bad)
 
 
+@pytest.mark.parametrize("field,value", [("levels", (4,)), ("mode", "max")])
+def test_bad_map_settings_stop_the_method_before_training(field, value):
+  cfg = default.get_config()
+  cfg.model.teacher = "resnet18"
+  cfg.anomaly_map[field] = value
+  with pytest.raises(ValueError, match=f"config.anomaly_map.{field}"):
+    build_method(cfg)
+  cfg.anomaly_map[field] = default.get_config().anomaly_map[field]
+  assert build_method(cfg).map_kwargs["levels"] == (1, 2, 3)
+
+
 def stripe_images(n, rng, size=64):
   """A small synthetic texture: noisy vertical stripes with random phase (normalised)."""
   yy, xx = np.mgrid[:size, :size]

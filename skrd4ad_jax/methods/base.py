@@ -46,8 +46,12 @@ class Method:
     self.dtype = compute_dtype(config.model)
     self.teacher = teachers.build_teacher(config.model.teacher, dtype=self.dtype)
     m = config.anomaly_map
+    # Checked here, so that a bad setting stops the run before training, not at
+    # its first evaluation. (A stored config without `levels` maps every level.)
+    levels = amap.map_levels(m.mode, m.get("levels"),
+                             len(teachers.TEACHER_CHANNELS[config.model.teacher]))
     self.map_kwargs = dict(mode=m.mode, sigma=float(m.sigma), truncate=float(m.truncate),
-                           blur_mode=m.blur_mode, levels=tuple(m.get("levels", (1, 2, 3))))
+                           blur_mode=m.blur_mode, levels=levels)
 
   def teacher_features(self, teacher_vars: Any, images: jax.Array) -> list[jax.Array]:
     """[E1, E2, E3] of the frozen teacher (already under stop_gradient)."""
