@@ -11,14 +11,12 @@ Without ground_truth only image-level metrics are computed; a test set with only
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax.config import defaults
 
 
 def get_config(arg=""):
-  config = default.get_config()
+  config = defaults.get_config()
   config.name = "folder"
   config.data.source = "folder"
   config.data.dataset = "folder"

@@ -1,6 +1,7 @@
 """MVTec AD, all 15 categories (or a subset), the official SK-RD4AD recipe.
 
-  python -m skrd4ad_jax.main --config=configs/mvtec.py --config.data.root=/data/mvtec_anomaly_detection
+  python -m skrd4ad_jax.main --config=configs/mvtec.py \
+      --config.data.root=/data/mvtec_anomaly_detection
   python -m skrd4ad_jax.main --config=configs/mvtec.py:bottle,cable --config.data.root=...
 
 Reads the extracted MVTec AD tree (``<root>/<category>/train/good`` ...). To use the
@@ -10,20 +11,34 @@ Needs the torchvision teacher: ``python scripts/port_torchvision_weights.py
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax import config as config_lib
+from skrd4ad_jax.config import defaults
 
-CATEGORIES = ("carpet", "bottle", "hazelnut", "leather", "cable", "capsule", "grid", "pill",
-              "transistor", "metal_nut", "screw", "toothbrush", "zipper", "tile", "wood")
+CATEGORIES = (
+  "carpet",
+  "bottle",
+  "hazelnut",
+  "leather",
+  "cable",
+  "capsule",
+  "grid",
+  "pill",
+  "transistor",
+  "metal_nut",
+  "screw",
+  "toothbrush",
+  "zipper",
+  "tile",
+  "wood",
+)
 
 
 def get_config(arg=""):
-  config = default.get_config()
+  config = defaults.get_config()
   config.name = "mvtec"
   config.data.dataset = "mvtec_ad"
   config.data.source = "folder"
   config.data.root = os.environ.get("MVTEC_ROOT", "")
-  config.data.categories = default.parse_categories(arg, CATEGORIES)
+  config.data.categories = config_lib.parse_categories(arg, CATEGORIES)
   return config

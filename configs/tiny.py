@@ -3,18 +3,16 @@
   python -m skrd4ad_jax.main --config=configs/tiny.py --config.data.root=DIR
 
 ``DIR`` is any MVTec-layout tree; the tests make one with
-``data_pipelines.demo_data.ensure_demo_dataset``.
+``skrd4ad_jax.data.demo_data.ensure_demo_dataset``.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax.config import defaults
 
 
 def get_config(arg=""):
-  config = default.get_config()
+  config = defaults.get_config()
   config.name = "tiny"
   config.seed = 0
   config.model.teacher = "resnet18"

@@ -7,15 +7,13 @@ pixel metrics are reported as '–'. Needs the torchvision wide_resnet50_2 teach
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax.config import defaults
 
 
 def get_config(arg=""):
   del arg
-  config = default.get_config()
+  config = defaults.get_config()
   config.name = "vad"
   config.data.source = "tfds"
   config.data.dataset = "vad"

@@ -8,20 +8,31 @@
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax import config as config_lib
+from skrd4ad_jax.config import defaults
 
-CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-              "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+CATEGORIES = (
+  "candle",
+  "capsules",
+  "cashew",
+  "chewinggum",
+  "fryum",
+  "macaroni1",
+  "macaroni2",
+  "pcb1",
+  "pcb2",
+  "pcb3",
+  "pcb4",
+  "pipe_fryum",
+)
 
 
 def get_config(arg=""):
-  config = default.get_config()
+  config = defaults.get_config()
   config.name = "visa"
   config.data.source = "tfds"
   config.data.dataset = "visa"
   config.data.manual_dir = os.environ.get("VISA_ROOT", "")
-  config.data.categories = default.parse_categories(arg, CATEGORIES)
+  config.data.categories = config_lib.parse_categories(arg, CATEGORIES)
   return config

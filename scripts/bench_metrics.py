@@ -12,21 +12,14 @@ few repeats per metric and, with --json, writes them to a file.
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 from scipy import ndimage
 
-# Runnable from a checkout without installing the package.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
-from skrd4ad_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax.evaluation import metrics
 
 
 def make_category(num_images=100, num_anomalous=60, size=256, seed=0):
@@ -42,7 +35,7 @@ def make_category(num_images=100, num_anomalous=60, size=256, seed=0):
       dy, dx = yy - cy, xx - cx
       u = dy * np.cos(angle) + dx * np.sin(angle)
       v = -dy * np.sin(angle) + dx * np.cos(angle)
-      masks[i] |= ((u / ry)**2 + (v / rx)**2 <= 1).astype(np.uint8)
+      masks[i] |= ((u / ry) ** 2 + (v / rx) ** 2 <= 1).astype(np.uint8)
   noise = rng.standard_normal((num_images, size, size)).astype(np.float32)
   maps = ndimage.gaussian_filter(noise, sigma=(0, 4, 4)) * 8.0
   signal = ndimage.gaussian_filter(masks.astype(np.float32), sigma=(0, 2, 2))
@@ -76,48 +69,59 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--json", default=None,
-                      help="write the figures to this file (default: print).")
-  parser.add_argument("--sklearn", action="store_true",
-                      help="also time sklearn roc_auc_score / "
-                      "average_precision_score on the same pixels.")
+  parser.add_argument(
+    "--json", default=None, help="write the figures to this file (default: print)."
+  )
+  parser.add_argument(
+    "--sklearn",
+    action="store_true",
+    help="also time sklearn roc_auc_score / average_precision_score on the same pixels.",
+  )
   args = parser.parse_args()
 
   labels, masks, maps = make_category(seed=args.seed)
   scores = maps.reshape(len(maps), -1).max(axis=1)
   cases = {
-      "pixel_aupro (mvtec)": lambda: metrics.aupro(masks, maps),
-      "pixel_aupro_rd4ad": lambda: metrics.aupro(masks, maps,
-                                                 protocol="rd4ad"),
-      "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps),
-      "pixel_ap": lambda: metrics.pixel_ap(masks, maps),
-      "compute_metrics (all)": lambda: metrics.compute_metrics(
-          labels, scores, masks, maps)["pixel_aupro"],
+    "pixel_aupro (mvtec)": lambda: metrics.aupro(masks, maps),
+    "pixel_aupro_rd4ad": lambda: metrics.aupro(masks, maps, protocol="rd4ad"),
+    "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps),
+    "pixel_ap": lambda: metrics.pixel_ap(masks, maps),
+    "compute_metrics (all)": lambda: metrics.compute_metrics(labels, scores, masks, maps)[
+      "pixel_aupro"
+    ],
   }
   if args.sklearn:
     # Imported here so that the default run needs nothing beyond the library.
-    from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+    from sklearn import metrics as skm
+
     flat_masks, flat_maps = masks.ravel(), maps.ravel()
-    cases["sklearn roc_auc_score"] = lambda: skm.roc_auc_score(
-        flat_masks, flat_maps)
-    cases["sklearn average_precision"] = lambda: skm.average_precision_score(
-        flat_masks, flat_maps)
+    cases["sklearn roc_auc_score"] = lambda: skm.roc_auc_score(flat_masks, flat_maps)
+    cases["sklearn average_precision"] = lambda: skm.average_precision_score(flat_masks, flat_maps)
 
   rows = []
-  print(f"{len(maps)} maps of {maps.shape[1]}x{maps.shape[2]}, "
-        f"{int(labels.sum())} anomalous, median of {args.repeats}")
+  print(
+    f"{len(maps)} maps of {maps.shape[1]}x{maps.shape[2]}, "
+    f"{int(labels.sum())} anomalous, median of {args.repeats}"
+  )
   print(f"{'metric':<28}{'wall s':>10}{'cpu s':>10}{'value':>10}")
   for name, fn in cases.items():
     wall, cpu, value = median_time(fn, args.repeats)
-    rows.append(dict(metric=name, wall_seconds=wall, cpu_seconds=cpu,
-                     value=float(value)))
+    rows.append(dict(metric=name, wall_seconds=wall, cpu_seconds=cpu, value=float(value)))
     print(f"{name:<28}{wall:>10.4f}{cpu:>10.4f}{value:>10.4f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(machine=platform.processor() or platform.machine(),
-                     num_images=len(maps), size=maps.shape[1],
-                     num_anomalous=int(labels.sum()), repeats=args.repeats,
-                     results=rows), f, indent=1)
+      json.dump(
+        dict(
+          machine=platform.processor() or platform.machine(),
+          num_images=len(maps),
+          size=maps.shape[1],
+          num_anomalous=int(labels.sum()),
+          repeats=args.repeats,
+          results=rows,
+        ),
+        f,
+        indent=1,
+      )
     print(f"wrote {args.json}")
 
 

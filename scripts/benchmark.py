@@ -30,24 +30,24 @@ import statistics
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-# Runnable from a checkout without installing the package.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_integer("steps", 5, "Timed steps per K, after one warm-up step; the median counts.")
-flags.DEFINE_list("categories", ["1", "3"], "Numbers of categories K to time; K=1 uses the "
-                  "single-category step, K>1 the parallel step.")
+flags.DEFINE_list(
+  "categories",
+  ["1", "3"],
+  "Numbers of categories K to time; K=1 uses the single-category step, K>1 the parallel step.",
+)
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-flags.DEFINE_float("peak_tflops", None, "Peak of the machine in TFLOP/s for the fraction of "
-                   "peak (default: 0.19 on CPU, from PERFORMANCE.md; none elsewhere).")
+flags.DEFINE_float(
+  "peak_tflops",
+  None,
+  "Peak of the machine in TFLOP/s for the fraction of "
+  "peak (default: 0.19 on CPU, from PERFORMANCE.md; none elsewhere).",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the random teacher, student and images.")
 flags.mark_flags_as_required(["config"])
 
@@ -69,18 +69,25 @@ def synthetic_batch(method, config, num_slots, np_rng):
     Dict of [num_slots, B, ...] float32 arrays: ``image`` plus the method's
     extras (``make_batch``), or ``feature1..3`` with the teacher-feature cache.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
+
   b, s = int(config.train.batch_size), int(config.data.image_size)
   if config.train.get("cache_teacher_features", False):
     if not method.supports_feature_cache:
-      raise ValueError(f"config.train.cache_teacher_features needs a method without input "
-                       f"augmentation; {method.name} augments its inputs.")
+      raise ValueError(
+        f"config.train.cache_teacher_features needs a method without input "
+        f"augmentation; {method.name} augments its inputs."
+      )
     # The trainer's cached batches: feature1..3 of the frozen teacher, float32.
-    return {f"feature{level + 1}": np_rng.standard_normal((num_slots, *shape), np.float32)
-            for level, shape in enumerate(method.feature_shapes(b))}
+    return {
+      f"feature{level + 1}": np_rng.standard_normal((num_slots, *shape), np.float32)
+      for level, shape in enumerate(method.feature_shapes(b))
+    }
   category = (tuple(config.data.categories) or ("synthetic",))[0]
-  slots = [method.make_batch(np_rng.standard_normal((b, s, s, 3), np.float32), np_rng, category)
-           for _ in range(num_slots)]
+  slots = [
+    method.make_batch(np_rng.standard_normal((b, s, s, 3), np.float32), np_rng, category)
+    for _ in range(num_slots)
+  ]
   return {k: np.stack([x[k] for x in slots]) for k in slots[0]}
 
 
@@ -88,7 +95,7 @@ def _flops(compiled):
   """FLOPs of a compiled program from XLA's cost analysis, or None."""
   try:
     cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
     cost = cost[0] if cost else None
@@ -102,7 +109,7 @@ def peak_memory_bytes(devices):
   for d in devices:
     try:
       stats = d.memory_stats()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       stats = None
     if stats and "peak_bytes_in_use" in stats:
       peaks.append(int(stats["peak_bytes_in_use"]))
@@ -123,9 +130,10 @@ def time_step(config, method, teacher_vars, num_categories, steps, seed):
   Returns:
     A dict of figures (see the module docstring).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from skrd4ad_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+
+  from skrd4ad_jax.training import parallel, train
 
   key = jax.random.PRNGKey(seed)
   state = jax.jit(method.init)(key, teacher_vars)
@@ -169,17 +177,23 @@ def time_step(config, method, teacher_vars, num_categories, steps, seed):
   step_seconds = statistics.median(times)
   images = num_categories * int(config.train.batch_size)
   out = {
-      "categories": num_categories, "mode": mode, "category_loop": loop,
-      "mesh": dict(mesh.shape) if mesh is not None else None, "slots": slots,
-      "devices_used": devices_used, "images_per_step": images,
-      "compile_seconds": compile_seconds, "first_step_seconds": first_step_seconds,
-      "step_seconds": step_seconds, "step_seconds_all": times,
-      "images_per_second": images / step_seconds,
-      # Cost analysis of an SPMD program describes one device's share; it counts
-      # padded slots and, under 'vmap', batched-weight convolutions as XLA lowers them.
-      "flops_per_step": flops, "flops_per_step_counts": "per device" if devices_used > 1
-                                                       else "whole step",
-      "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),
+    "categories": num_categories,
+    "mode": mode,
+    "category_loop": loop,
+    "mesh": dict(mesh.shape) if mesh is not None else None,
+    "slots": slots,
+    "devices_used": devices_used,
+    "images_per_step": images,
+    "compile_seconds": compile_seconds,
+    "first_step_seconds": first_step_seconds,
+    "step_seconds": step_seconds,
+    "step_seconds_all": times,
+    "images_per_second": images / step_seconds,
+    # Cost analysis of an SPMD program describes one device's share; it counts
+    # padded slots and, under 'vmap', batched-weight convolutions as XLA lowers them.
+    "flops_per_step": flops,
+    "flops_per_step_counts": "per device" if devices_used > 1 else "whole step",
+    "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),
   }
   return out
 
@@ -187,8 +201,9 @@ def time_step(config, method, teacher_vars, num_categories, steps, seed):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  import jax  # pylint: disable=g-import-not-at-top
-  from skrd4ad_jax import methods, teachers  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from skrd4ad_jax import methods, teachers
 
   config = FLAGS.config
   ks = sorted({int(k) for k in FLAGS.categories})
@@ -197,20 +212,31 @@ def main(argv):
   method = methods.build_method(config)
   # Random weights: the time does not depend on them, and no weight file is needed.
   teacher_vars = teachers.load_teacher_variables(
-      config.model.teacher, "random", image_size=int(config.data.image_size), seed=FLAGS.seed)
+    config.model.teacher, "random", image_size=int(config.data.image_size), seed=FLAGS.seed
+  )
   devices = jax.devices()
   platform_name = devices[0].platform
-  peak = FLAGS.peak_tflops if FLAGS.peak_tflops else (
-      CPU_PEAK_TFLOPS if platform_name == "cpu" else None)
+  peak = (
+    FLAGS.peak_tflops
+    if FLAGS.peak_tflops
+    else (CPU_PEAK_TFLOPS if platform_name == "cpu" else None)
+  )
   header = {
-      "config_name": config.name, "method": method.name, "teacher": config.model.teacher,
-      "image_size": int(config.data.image_size), "batch_size": int(config.train.batch_size),
-      "dtype": config.model.get("dtype", "float32"),
-      "cache_teacher_features": bool(config.train.get("cache_teacher_features", False)),
-      "backend": platform_name, "device_kind": devices[0].device_kind,
-      "num_devices": len(devices), "jax_version": jax.__version__,
-      "host": platform.node(), "cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "peak_tflops": peak,
+    "config_name": config.name,
+    "method": method.name,
+    "teacher": config.model.teacher,
+    "image_size": int(config.data.image_size),
+    "batch_size": int(config.train.batch_size),
+    "dtype": config.model.get("dtype", "float32"),
+    "cache_teacher_features": bool(config.train.get("cache_teacher_features", False)),
+    "backend": platform_name,
+    "device_kind": devices[0].device_kind,
+    "num_devices": len(devices),
+    "jax_version": jax.__version__,
+    "host": platform.node(),
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "peak_tflops": peak,
   }
   print(" ".join(f"{k}={v}" for k, v in header.items()))
   runs = []
@@ -219,22 +245,33 @@ def main(argv):
     if r["flops_per_step"] and peak:
       achieved = r["flops_per_step"] * r["devices_used"] / r["step_seconds"]
       r["tflops_per_second"] = achieved / 1e12
-      r["fraction_of_peak"] = achieved / (peak * 1e12 * (r["devices_used"] if platform_name
-                                                           != "cpu" else 1))
+      r["fraction_of_peak"] = achieved / (
+        peak * 1e12 * (r["devices_used"] if platform_name != "cpu" else 1)
+      )
     runs.append(r)
-    gflop = (f"{r['flops_per_step'] * r['devices_used'] / r['images_per_step'] / 1e9:.1f} "
-             "GFLOP/img" if r["flops_per_step"] else "FLOPs n/a")
-    mem = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None
-           else "n/a")
+    gflop = (
+      f"{r['flops_per_step'] * r['devices_used'] / r['images_per_step'] / 1e9:.1f} GFLOP/img"
+      if r["flops_per_step"]
+      else "FLOPs n/a"
+    )
+    mem = (
+      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None else "n/a"
+    )
     frac = f"{r['fraction_of_peak']:.0%} of peak" if "fraction_of_peak" in r else ""
-    print(f"K={k} ({r['mode']}{', ' + r['category_loop'] if r['category_loop'] else ''}, "
-          f"{r['slots']} slots on {r['devices_used']} device(s)): compile "
-          f"{r['compile_seconds']:.1f} s, first step {r['first_step_seconds']:.2f} s, "
-          f"step {r['step_seconds']:.3f} s (median of {len(r['step_seconds_all'])}), "
-          f"{r['images_per_second']:.2f} img/s, {gflop} {frac}, peak memory {mem}",
-          flush=True)
-  result = {**header, "config": json.loads(config.to_json_best_effort()), "runs": runs,
-            "modules_loaded": [m for m in EDGE_MODULES if m in sys.modules]}
+    print(
+      f"K={k} ({r['mode']}{', ' + r['category_loop'] if r['category_loop'] else ''}, "
+      f"{r['slots']} slots on {r['devices_used']} device(s)): compile "
+      f"{r['compile_seconds']:.1f} s, first step {r['first_step_seconds']:.2f} s, "
+      f"step {r['step_seconds']:.3f} s (median of {len(r['step_seconds_all'])}), "
+      f"{r['images_per_second']:.2f} img/s, {gflop} {frac}, peak memory {mem}",
+      flush=True,
+    )
+  result = {
+    **header,
+    "config": json.loads(config.to_json_best_effort()),
+    "runs": runs,
+    "modules_loaded": [m for m in EDGE_MODULES if m in sys.modules],
+  }
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=1)

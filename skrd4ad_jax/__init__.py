@@ -1,3 +1,6 @@
-"""skrd4ad_jax: reverse-distillation anomaly detection (SK-RD4AD, RD4AD, MRKD, RD with Expert) in JAX/Flax."""
+"""skrd4ad_jax: reverse-distillation anomaly detection in JAX/Flax.
 
-__version__ = "0.1.0"
+SK-RD4AD, RD4AD, MRKD and RD with Expert; see README.md and ARCHITECTURE.md.
+"""
+
+__version__ = "0.2.0"

@@ -9,7 +9,7 @@ map's maximum. Everything is jittable and batched.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,24 +25,33 @@ def cosine_distance_map(t: jax.Array, s: jax.Array) -> jax.Array:
   return 1.0 - cosine_similarity(t, s, axis=-1)
 
 
-def map_levels(mode: str, levels: Optional[Sequence[int]], num_levels: int
-               ) -> tuple[int, ...]:
+def map_levels(mode: str, levels: Sequence[int] | None, num_levels: int) -> tuple[int, ...]:
   """Checks the map settings; returns the 1-based levels to combine (None = all)."""
   if mode not in MAP_MODES:
-    raise ValueError(f"Unknown anomaly map mode {mode!r}; choose one of {MAP_MODES} "
-                     "(config.anomaly_map.mode).")
-  levels = (tuple(range(1, num_levels + 1)) if levels is None
-            else tuple(int(level) for level in levels))
+    raise ValueError(
+      f"Unknown anomaly map mode {mode!r}; choose one of {MAP_MODES} (config.anomaly_map.mode)."
+    )
+  levels = (
+    tuple(range(1, num_levels + 1)) if levels is None else tuple(int(level) for level in levels)
+  )
   if not levels or any(not 1 <= level <= num_levels for level in levels):
-    raise ValueError(f"Anomaly map levels {levels} must be a non-empty subset of "
-                     f"1..{num_levels} (config.anomaly_map.levels).")
+    raise ValueError(
+      f"Anomaly map levels {levels} must be a non-empty subset of "
+      f"1..{num_levels} (config.anomaly_map.levels)."
+    )
   return levels
 
 
-def anomaly_map(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
-                out_size: tuple[int, int], mode: str = "add", sigma: float = 4.0,
-                truncate: float = 4.0, blur_mode: str = "reflect",
-                levels: Optional[Sequence[int]] = None) -> jax.Array:
+def anomaly_map(
+  teacher: Sequence[jax.Array],
+  student: Sequence[jax.Array],
+  out_size: tuple[int, int],
+  mode: str = "add",
+  sigma: float = 4.0,
+  truncate: float = 4.0,
+  blur_mode: str = "reflect",
+  levels: Sequence[int] | None = None,
+) -> jax.Array:
   """The smoothed anomaly map [B, H, W] (float32).
 
   Args:

@@ -19,7 +19,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 BLUR_MODES = ("reflect", "mirror")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
   """[out, in] bilinear weights with ``src = dst * (in - 1) / (out - 1)``."""
   m = np.zeros((out_size, in_size), np.float64)
@@ -40,7 +40,7 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
   """scipy's ``_gaussian_kernel1d``: radius ``int(truncate * sigma + 0.5)``."""
   radius = int(truncate * float(sigma) + 0.5)
   x = np.arange(-radius, radius + 1, dtype=np.float64)
-  phi = np.exp(-0.5 / float(sigma) ** 2 * x ** 2)
+  phi = np.exp(-0.5 / float(sigma) ** 2 * x**2)
   return phi / phi.sum()
 
 
@@ -56,20 +56,23 @@ def _fold_index(i: np.ndarray, n: int, mode: str) -> np.ndarray:
     period = 2 * n - 2
     i = np.mod(i, period)
     return np.where(i >= n, period - i, i)
-  raise ValueError(f"Unknown blur border mode {mode!r}; choose one of {BLUR_MODES} "
-                   "(config.anomaly_map.blur_mode).")
+  raise ValueError(
+    f"Unknown blur border mode {mode!r}; choose one of {BLUR_MODES} (config.anomaly_map.blur_mode)."
+  )
 
 
-@functools.lru_cache(maxsize=None)
-def gaussian_matrix(size: int, sigma: float, truncate: float = 4.0,
-                    mode: str = "reflect") -> np.ndarray:
+@functools.cache
+def gaussian_matrix(
+  size: int, sigma: float, truncate: float = 4.0, mode: str = "reflect"
+) -> np.ndarray:
   """[size, size] matrix of a 1-D Gaussian filter with the given border mode."""
   kernel = gaussian_kernel1d(sigma, truncate)
   radius = (len(kernel) - 1) // 2
   m = np.zeros((size, size), np.float64)
   rows = np.repeat(np.arange(size), len(kernel))
-  cols = _fold_index((np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None]).ravel(),
-                     size, mode)
+  cols = _fold_index(
+    (np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None]).ravel(), size, mode
+  )
   np.add.at(m, (rows, cols), np.tile(kernel, size))
   return m
 
@@ -84,8 +87,9 @@ def resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw, precision=_HIGHEST)
 
 
-def gaussian_blur(maps: jax.Array, sigma: float, truncate: float = 4.0,
-                  mode: str = "reflect") -> jax.Array:
+def gaussian_blur(
+  maps: jax.Array, sigma: float, truncate: float = 4.0, mode: str = "reflect"
+) -> jax.Array:
   """``scipy.ndimage.gaussian_filter`` over the two spatial axes of [B, H, W] maps."""
   if sigma <= 0:
     return maps

@@ -9,7 +9,7 @@ Teacher features are NHWC; flattening order does not change a cosine.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,7 @@ from skrd4ad_jax import interpolation
 LOSS_KINDS = ("flat_cosine", "pixel_cosine", "mse", "mse_cosine")
 
 
-def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1,
-                      eps: float = 1e-8) -> jax.Array:
+def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
   """``torch.nn.functional.cosine_similarity``: each norm clamped at ``eps``."""
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
@@ -54,8 +53,7 @@ def level_loss(t: jax.Array, s: jax.Array, kind: str) -> jax.Array:
     return mse(t, s)
   if kind == "mse_cosine":
     return 0.5 * mse(t, s) + 0.5 * flat_cosine_distance(t, s)
-  raise ValueError(f"Unknown loss kind {kind!r}; choose one of {LOSS_KINDS} "
-                   "(config.loss.kind).")
+  raise ValueError(f"Unknown loss kind {kind!r}; choose one of {LOSS_KINDS} (config.loss.kind).")
 
 
 def consistency_loss(teacher: Sequence[jax.Array], student: Sequence[jax.Array]) -> jax.Array:
@@ -75,9 +73,12 @@ def consistency_loss(teacher: Sequence[jax.Array], student: Sequence[jax.Array])
   return total
 
 
-def distillation_loss(teacher: Sequence[jax.Array], student: Sequence[jax.Array],
-                      kind: str = "flat_cosine", consistency_rate: float = 0.0
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def distillation_loss(
+  teacher: Sequence[jax.Array],
+  student: Sequence[jax.Array],
+  kind: str = "flat_cosine",
+  consistency_rate: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Sum over levels of the main term, plus ``rate * consistency``.
 
   Args:

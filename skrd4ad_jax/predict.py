@@ -10,7 +10,7 @@ trained a single category.
 The latest checkpoint of the category carries everything needed: the config
 (the method is rebuilt from it), the thresholds and the score normalisation
 (its JSON item, written by ``trainer.py``). Images are decoded exactly as the
-evaluation pipeline decodes them (``data_pipelines.input_pipeline``), streamed
+evaluation pipeline decodes them (``skrd4ad_jax.data.input_pipeline``), streamed
 through tf.data in batches of ``--batch_size`` (default: the run's
 ``config.eval.batch_size``, which also reproduces the evaluation's raw scores
 bit for bit), so memory does not grow with the size of the folder.
@@ -33,6 +33,7 @@ An unreadable image is reported and skipped; the others are predicted.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 import copy
 import csv
 import dataclasses
@@ -41,29 +42,31 @@ import os
 import re
 import sys
 import time
+from typing import Any
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines import folder
-from skrd4ad_jax import checkpoints
-from skrd4ad_jax import methods
-from skrd4ad_jax import teachers
-from skrd4ad_jax import thresholds as thresholds_lib
-from skrd4ad_jax import train
-from skrd4ad_jax import visualize
+from skrd4ad_jax import methods, teachers
+from skrd4ad_jax.data import folder
+from skrd4ad_jax.evaluation import thresholds as thresholds_lib
+from skrd4ad_jax.evaluation import visualize
+from skrd4ad_jax.training import checkpoints, train
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_score_raw", "pred_label")
 MASK_DIR = "masks"
 PROGRESS_SECONDS = 5.0  # At most one progress line per this many seconds.
-_THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "image_min", "image_max",
-                   "pixel_min", "pixel_max")
+_THRESHOLD_KEYS = (
+  "image_threshold",
+  "pixel_threshold",
+  "image_min",
+  "image_max",
+  "pixel_min",
+  "pixel_max",
+)
 
 FLAGS = flags.FLAGS
 
@@ -135,25 +138,35 @@ def resolve_category(workdir: str, category: str | None) -> str:
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
-    raise PredictError(f"Run directory not found: {workdir}. Pass the --workdir of a "
-                       "training run (python -m skrd4ad_jax.main --workdir=...).")
+    raise PredictError(
+      f"Run directory not found: {workdir}. Pass the --workdir of a "
+      "training run (python -m skrd4ad_jax.main --workdir=...)."
+    )
   found = trained_categories(workdir)
   if not found:
     hint = ""
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
-      hint = (f" It looks like a category folder: use --workdir={os.path.dirname(workdir)} "
-              f"--category={os.path.basename(workdir)}.")
-    raise PredictError(f"No checkpoint found in the run directory {workdir} (expected "
-                       f"<workdir>/<category>/checkpoints/<step>/). Has training finished "
-                       f"a checkpoint there?{hint}")
+      hint = (
+        f" It looks like a category folder: use --workdir={os.path.dirname(workdir)} "
+        f"--category={os.path.basename(workdir)}."
+      )
+    raise PredictError(
+      f"No checkpoint found in the run directory {workdir} (expected "
+      f"<workdir>/<category>/checkpoints/<step>/). Has training finished "
+      f"a checkpoint there?{hint}"
+    )
   if category:
     if category not in found:
-      raise PredictError(f"Category {category!r} was not trained in {workdir}; trained "
-                         f"categories: {', '.join(found)}.")
+      raise PredictError(
+        f"Category {category!r} was not trained in {workdir}; trained "
+        f"categories: {', '.join(found)}."
+      )
     return category
   if len(found) > 1:
-    raise PredictError(f"The run {workdir} holds several categories ({', '.join(found)}); "
-                       "choose one with --category=NAME.")
+    raise PredictError(
+      f"The run {workdir} holds several categories ({', '.join(found)}); "
+      "choose one with --category=NAME."
+    )
   return found[0]
 
 
@@ -177,19 +190,23 @@ def _failure_message(path: str, image_size: int) -> str:
   except folder.DatasetError as e:
     return str(e)
   try:
-    from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+    from skrd4ad_jax.data import input_pipeline
+
     input_pipeline.decode_and_resize(path, image_size).numpy()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     first = (str(e).strip().splitlines() or [""])[0]
     # TensorFlow wraps the decoder's words in op names: keep the words.
     first = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", first))
-    return (f"Could not decode image {path} ({type(e).__name__}: {first}). Fix: replace "
-            "the file with a valid image or remove it.")
+    return (
+      f"Could not decode image {path} ({type(e).__name__}: {first}). Fix: replace "
+      "the file with a valid image or remove it."
+    )
   return f"Could not load image {path}."
 
 
-def stream_batches(paths: Sequence[str], image_size: int, batch_size: int
-                   ) -> Iterator[tuple[dict[str, np.ndarray], list[tuple[int, str]]]]:
+def stream_batches(
+  paths: Sequence[str], image_size: int, batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], list[tuple[int, str]]]]:
   """Decodes ``paths`` in order, as the evaluation pipeline does, in padded batches.
 
   Args:
@@ -206,8 +223,10 @@ def stream_batches(paths: Sequence[str], image_size: int, batch_size: int
     failures)`` reports files dropped after the last batch).
   """
   # TensorFlow stays at the edge: only this function needs it.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+
+  from skrd4ad_jax.data import input_pipeline
+
   input_pipeline.configure_tensorflow()
 
   def readable(path: bytes) -> np.ndarray:
@@ -226,7 +245,8 @@ def stream_batches(paths: Sequence[str], image_size: int, batch_size: int
 
   n = len(paths)
   ds = tf.data.Dataset.from_tensor_slices(
-      (tf.range(n, dtype=tf.int64), tf.constant(list(paths), tf.string, shape=[n])))
+    (tf.range(n, dtype=tf.int64), tf.constant(list(paths), tf.string, shape=[n]))
+  )
   # A bad file is dropped here and reported from the gap in the indices, so it
   # does not stop the stream. PIL's check first drops most of them quietly
   # (TensorFlow logs a traceback for each decoder error it meets).
@@ -240,13 +260,19 @@ def stream_batches(paths: Sequence[str], image_size: int, batch_size: int
   for batch in ds.as_numpy_iterator():
     index = batch["index"]  # ascending
     seen = set(index.tolist())
-    failures = [(i, _failure_message(paths[i], image_size))
-                for i in range(expected, int(index[-1])) if i not in seen]
+    failures = [
+      (i, _failure_message(paths[i], image_size))
+      for i in range(expected, int(index[-1]))
+      if i not in seen
+    ]
     expected = int(index[-1]) + 1
     m = len(index)
     pad = batch_size - m
-    padded = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-              for k, v in batch.items() if k != "index"}
+    padded = {
+      k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+      for k, v in batch.items()
+      if k != "index"
+    }
     padded["index"] = np.concatenate([index, -np.ones(pad, np.int64)])
     padded["valid"] = np.arange(batch_size) < m
     yield padded, failures
@@ -280,40 +306,49 @@ class Predictor:
     self.step = manager.latest_step()
     meta = checkpoints.restore_meta(manager, self.step)
     if not meta or "config" not in meta:
-      raise PredictError(f"The checkpoint of {self.category!r} at step {self.step} in "
-                         f"{self.workdir} has no config in its JSON item.")
+      raise PredictError(
+        f"The checkpoint of {self.category!r} at step {self.step} in "
+        f"{self.workdir} has no config in its JSON item."
+      )
     self.config = ml_collections.ConfigDict(meta["config"])
     self.image_size = int(meta.get("image_size", self.config.data.image_size))
     self.method = methods.build_method(self.config)
     self.teacher_vars = teachers.load_teacher_variables(
-        self.config.model.teacher, self.config.model.teacher_weights,
-        image_size=int(self.config.data.image_size), seed=int(self.config.seed))
+      self.config.model.teacher,
+      self.config.model.teacher_weights,
+      image_size=int(self.config.data.image_size),
+      seed=int(self.config.seed),
+    )
     # The trainer evaluates with this key; the same key gives the same scores.
     self.rng = jax.random.PRNGKey(int(self.config.seed))
     abstract = jax.eval_shape(self.method.init, self.rng, self.teacher_vars)
     self.state, self.meta = checkpoints.restore(manager, abstract, self.step)
     self._eval_step = train.jitted_eval_step(self.method)
-    self._set_thresholds(self.meta.get("thresholds"),
-                         f"checkpoint of {self.category!r} at step {self.step}")
+    self._set_thresholds(
+      self.meta.get("thresholds"), f"checkpoint of {self.category!r} at step {self.step}"
+    )
 
   def _set_thresholds(self, thresholds: dict[str, Any] | None, where: str) -> None:
     self.thresholds = stored_thresholds({"thresholds": thresholds})
     self.warnings = []
     if not thresholds:
       self.warnings.append(
-          f"The {where} holds no thresholds (training did not finish?): pred_score and "
-          "pred_label are left empty, pictures show raw scores, no mask is drawn.")
+        f"The {where} holds no thresholds (training did not finish?): pred_score and "
+        "pred_label are left empty, pictures show raw scores, no mask is drawn."
+      )
     else:
       if not self.has_image_threshold:
-        self.warnings.append(f"The {where} holds no image threshold (NaN): pred_score and "
-                             "pred_label are left empty.")
+        self.warnings.append(
+          f"The {where} holds no image threshold (NaN): pred_score and pred_label are left empty."
+        )
       if not self.has_pixel_threshold:
-        self.warnings.append(f"The {where} holds no pixel threshold (NaN): no defect "
-                             "contour or mask.")
+        self.warnings.append(
+          f"The {where} holds no pixel threshold (NaN): no defect contour or mask."
+        )
     for message in self.warnings:
       warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-  def with_thresholds(self, thresholds: dict[str, Any]) -> "Predictor":
+  def with_thresholds(self, thresholds: dict[str, Any]) -> Predictor:
     """The same restored model with other thresholds (another operating point).
 
     Args:
@@ -326,7 +361,7 @@ class Predictor:
     """
     other = copy.copy(self)
     merged = {**(self.meta.get("thresholds") or {}), **thresholds}
-    other._set_thresholds(merged, "with_thresholds call")  # pylint: disable=protected-access
+    other._set_thresholds(merged, "with_thresholds call")
     return other
 
   @property
@@ -339,33 +374,47 @@ class Predictor:
 
   def describe_thresholds(self) -> str:
     thr = self.thresholds
-    return (f"image threshold {thr['image_threshold']:.6g}, pixel threshold "
-            f"{thr['pixel_threshold']:.6g} (rule {thr.get('rule', '?')}, chosen on "
-            f"{thr.get('source', '?')})")
+    return (
+      f"image threshold {thr['image_threshold']:.6g}, pixel threshold "
+      f"{thr['pixel_threshold']:.6g} (rule {thr.get('rule', '?')}, chosen on "
+      f"{thr.get('source', '?')})"
+    )
 
-  def _result(self, path: str, image: np.ndarray, amap: np.ndarray, score: float
-              ) -> ImageResult:
+  def _result(self, path: str, image: np.ndarray, amap: np.ndarray, score: float) -> ImageResult:
     thr = self.thresholds
-    result = ImageResult(image_path=path, pred_score_raw=float(score), anomaly_map=amap,
-                         image=image, anomaly_map_normalized=amap)
+    result = ImageResult(
+      image_path=path,
+      pred_score_raw=float(score),
+      anomaly_map=amap,
+      image=image,
+      anomaly_map_normalized=amap,
+    )
     if self.has_image_threshold:
       # float32 as in evaluate.normalized, so test_predictions.csv matches too.
-      result.pred_score = float(np.float32(thresholds_lib.normalize_scores(
-          score, thr["image_threshold"], thr["image_min"], thr["image_max"])))
+      result.pred_score = float(
+        np.float32(
+          thresholds_lib.normalize_scores(
+            score, thr["image_threshold"], thr["image_min"], thr["image_max"]
+          )
+        )
+      )
       # The raw comparison is the decision; the normalised score only shows it.
       result.pred_label = "NG" if score >= thr["image_threshold"] else "OK"
     if self.has_pixel_threshold:
-      result.anomaly_map_normalized = np.asarray(thresholds_lib.normalize_scores(
-          amap, thr["pixel_threshold"], thr["pixel_min"], thr["pixel_max"]), np.float32)
+      result.anomaly_map_normalized = np.asarray(
+        thresholds_lib.normalize_scores(
+          amap, thr["pixel_threshold"], thr["pixel_min"], thr["pixel_max"]
+        ),
+        np.float32,
+      )
       result.pred_mask = amap >= thr["pixel_threshold"]
     return result
 
-  def predict(self, paths: Sequence[str], batch_size: int | None = None
-              ) -> Iterator[ImageResult]:
+  def predict(self, paths: Sequence[str], batch_size: int | None = None) -> Iterator[ImageResult]:
     """Predicts ``paths`` in order, streamed in batches.
 
     Args:
-      paths: image files (e.g. from ``data_pipelines.folder.list_images``).
+      paths: image files (e.g. from ``skrd4ad_jax.data.folder.list_images``).
       batch_size: images per inference batch; None = the run's
         ``config.eval.batch_size`` (what reproduces the evaluation's scores).
 
@@ -379,17 +428,14 @@ class Predictor:
     if not paths:
       return
     for batch, failures in stream_batches(paths, self.image_size, batch_size):
-      ordered = [(i, ImageResult(image_path=paths[i], error=message))
-                 for i, message in failures]
+      ordered = [(i, ImageResult(image_path=paths[i], error=message)) for i, message in failures]
       if batch is not None:
-        maps, scores = self._eval_step(self.state, self.teacher_vars, batch["image"],
-                                       self.rng)
+        maps, scores = self._eval_step(self.state, self.teacher_vars, batch["image"], self.rng)
         maps = np.asarray(maps, np.float32)  # [B, S, S]
         scores = np.asarray(scores, np.float32)  # [B]
         for j in np.flatnonzero(batch["valid"]):
           i = int(batch["index"][j])
-          ordered.append((i, self._result(paths[i], batch["image_8bit"][j], maps[j],
-                                          scores[j])))
+          ordered.append((i, self._result(paths[i], batch["image_8bit"][j], maps[j], scores[j])))
       ordered.sort(key=lambda item: item[0])
       for _, result in ordered:
         yield result
@@ -408,8 +454,17 @@ class Predictor:
     else:
       score, threshold = result.pred_score_raw, None
     return visualize.overlay_picture(
-        result.image, result.anomaly_map_normalized, None, result.pred_mask, score=score,
-        label=label, threshold=threshold, vmin=vmin, vmax=vmax, title=title)
+      result.image,
+      result.anomaly_map_normalized,
+      None,
+      result.pred_mask,
+      score=score,
+      label=label,
+      threshold=threshold,
+      vmin=vmin,
+      vmax=vmax,
+      title=title,
+    )
 
   def mask_image(self, result: ImageResult) -> np.ndarray | None:
     """uint8 {0, 255} defect mask at the original image size; None without threshold.
@@ -419,7 +474,8 @@ class Predictor:
     """
     if not self.has_pixel_threshold or result.anomaly_map is None:
       return None
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from PIL import Image
+
     with Image.open(result.image_path) as im:
       size = im.size
     amap = Image.fromarray(np.asarray(result.anomaly_map, np.float32))  # mode F
@@ -429,14 +485,15 @@ class Predictor:
     return mask.astype(np.uint8) * 255
 
 
-def predict_images(workdir: str, category: str | None, paths: Sequence[str],
-                   batch_size: int | None = None) -> Iterator[ImageResult]:
+def predict_images(
+  workdir: str, category: str | None, paths: Sequence[str], batch_size: int | None = None
+) -> Iterator[ImageResult]:
   """Predicts images with the latest checkpoint of a category of a run.
 
   Args:
     workdir: the training run directory.
     category: the category; None when the run trained exactly one.
-    paths: image files, e.g. ``data_pipelines.folder.list_images('dir/')``.
+    paths: image files, e.g. ``skrd4ad_jax.data.folder.list_images('dir/')``.
     batch_size: images per batch; None = the run's ``config.eval.batch_size``.
 
   Yields:
@@ -462,8 +519,9 @@ def output_names(paths: Sequence[str]) -> list[str]:
   """
   names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   if len(set(names)) < len(names):
-    names = [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{s}"
-             for p, s in zip(paths, names)]
+    names = [
+      f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{s}" for p, s in zip(paths, names)
+    ]
   used: set[str] = set()
   for i, name in enumerate(names):
     unique, k = name, 1
@@ -478,9 +536,14 @@ def _csv_float(x: float) -> str:
   return "" if not math.isfinite(x) else repr(float(x))
 
 
-def write_predictions(predictor: Predictor, paths: Sequence[str], output: str,
-                      batch_size: int | None = None, save_masks: bool = False,
-                      log=print) -> dict[str, Any]:
+def write_predictions(
+  predictor: Predictor,
+  paths: Sequence[str],
+  output: str,
+  batch_size: int | None = None,
+  save_masks: bool = False,
+  log=print,
+) -> dict[str, Any]:
   """Predicts ``paths`` and writes pictures, ``predictions.csv`` and masks.
 
   Args:
@@ -499,8 +562,10 @@ def write_predictions(predictor: Predictor, paths: Sequence[str], output: str,
   for name in names:
     target = os.path.abspath(os.path.join(output, f"{name}.png"))
     if target in inputs:
-      raise PredictError(f"Writing the picture {target} would overwrite an input image; "
-                         "choose another --output directory.")
+      raise PredictError(
+        f"Writing the picture {target} would overwrite an input image; "
+        "choose another --output directory."
+      )
   os.makedirs(output, exist_ok=True)
   if save_masks and not predictor.has_pixel_threshold:
     log("warning: no pixel threshold in the checkpoint: no mask is written.")
@@ -520,23 +585,33 @@ def write_predictions(predictor: Predictor, paths: Sequence[str], output: str,
       else:
         visualize.save_picture(os.path.join(output, f"{name}.png"), predictor.picture(result))
         if save_masks:
-          visualize.save_picture(os.path.join(output, MASK_DIR, f"{name}.png"),
-                                 predictor.mask_image(result))
-        writer.writerow([result.image_path, _csv_float(result.pred_score),
-                         _csv_float(result.pred_score_raw), result.pred_label])
+          visualize.save_picture(
+            os.path.join(output, MASK_DIR, f"{name}.png"), predictor.mask_image(result)
+          )
+        writer.writerow(
+          [
+            result.image_path,
+            _csv_float(result.pred_score),
+            _csv_float(result.pred_score_raw),
+            result.pred_label,
+          ]
+        )
         summary["predicted"] += 1
         summary["ng"] += result.pred_label == "NG"
       now = time.time()
       if now - last >= PROGRESS_SECONDS or done == len(paths):
         f.flush()
         last = now
-        log(f"[{predictor.category}] {done}/{len(paths)} images "
-            f"({done / max(now - t0, 1e-9):.1f} images/s, {len(summary['skipped'])} skipped)")
+        log(
+          f"[{predictor.category}] {done}/{len(paths)} images "
+          f"({done / max(now - t0, 1e-9):.1f} images/s, {len(summary['skipped'])} skipped)"
+        )
   return summary
 
 
 # ---------------------------------------------------------------------------
 # Command line.
+
 
 def define_flags() -> None:
   """The command-line flags (defined on demand: ``main.py`` also has --workdir)."""
@@ -545,14 +620,19 @@ def define_flags() -> None:
   flags.DEFINE_string("input", None, "An image file, a folder of images, or a glob pattern.")
   flags.DEFINE_string("output", None, "Directory for pictures, predictions.csv and masks.")
   flags.DEFINE_bool("save_masks", False, "Also write masks/<stem>.png (255 = defect).")
-  flags.DEFINE_integer("batch_size", 0,
-                       "Images per batch; 0 = the run's config.eval.batch_size.")
+  flags.DEFINE_integer("batch_size", 0, "Images per batch; 0 = the run's config.eval.batch_size.")
   flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
-def run(workdir: str, category: str | None, input_path: str | Iterable[str], output: str,
-        save_masks: bool = False, batch_size: int | None = None, log=print
-        ) -> dict[str, Any]:
+def run(
+  workdir: str,
+  category: str | None,
+  input_path: str | Iterable[str],
+  output: str,
+  save_masks: bool = False,
+  batch_size: int | None = None,
+  log=print,
+) -> dict[str, Any]:
   """The command line's work: resolve, restore, predict, write; see module doc.
 
   Raises:
@@ -562,15 +642,16 @@ def run(workdir: str, category: str | None, input_path: str | Iterable[str], out
   category = resolve_category(workdir, category)  # Fails before any image listing.
   paths = folder.list_images(input_path)
   predictor = Predictor(workdir, category)
-  log(f"[{predictor.category}] checkpoint step {predictor.step}; "
-      f"{predictor.describe_thresholds()}")
+  log(f"[{predictor.category}] checkpoint step {predictor.step}; {predictor.describe_thresholds()}")
   log(f"[{predictor.category}] predicting {len(paths)} image(s) into {output}")
   summary = write_predictions(predictor, paths, output, batch_size or None, save_masks, log)
   if not summary["predicted"]:
     raise PredictError(f"None of the {len(paths)} image(s) could be read; nothing predicted.")
   skipped = len(summary["skipped"])
-  log(f"[{predictor.category}] {summary['predicted']} predicted ({summary['ng']} NG), "
-      f"{skipped} skipped; results in {summary['csv']}")
+  log(
+    f"[{predictor.category}] {summary['predicted']} predicted ({summary['ng']} NG), "
+    f"{skipped} skipped; results in {summary['csv']}"
+  )
   return summary
 
 
@@ -580,11 +661,17 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Progress lines, not orbax's INFO log.
     logging.set_verbosity(logging.ERROR)
   # A warning (e.g. no thresholds) reads as one line, not as a source excerpt.
-  warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}",
-                                                        file=sys.stderr)
+  warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
   try:
-    run(FLAGS.workdir, FLAGS.category, FLAGS.input, FLAGS.output, FLAGS.save_masks,
-        FLAGS.batch_size, log=lambda s: print(s, flush=True))
+    run(
+      FLAGS.workdir,
+      FLAGS.category,
+      FLAGS.input,
+      FLAGS.output,
+      FLAGS.save_masks,
+      FLAGS.batch_size,
+      log=lambda s: print(s, flush=True),
+    )
   except (folder.DatasetError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -12,12 +12,17 @@ run is made there once and reused while ``DIR/run/results.csv`` exists (delete
 """
 
 import os
-import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CATEGORIES = ("brick", "grass")
+
+
+def tiny_config_path(categories=()):
+  """``configs/tiny.py[:a,b]`` as ``--config=`` takes it."""
+  path = os.path.join(REPO, "configs", "tiny.py")
+  return f"{path}:{','.join(categories)}" if categories else path
 
 
 @pytest.fixture(scope="session")
@@ -27,16 +32,21 @@ def tiny_run(tmp_path_factory):
   ``config.data.categories`` are ``TINY_CATEGORIES``; ``workdir`` holds one
   checkpoint folder per category, ``results.csv`` and the test pictures.
   """
-  from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
-  from skrd4ad_jax import trainer  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import tiny  # pylint: disable=g-import-not-at-top
+  from skrd4ad_jax.config import load_config
+  from skrd4ad_jax.data import demo_data
+  from skrd4ad_jax.training import trainer
+
   cached = os.environ.get("SKRD4AD_TINY_RUN_DIR")
   base = cached or str(tmp_path_factory.mktemp("tiny_run"))
   data_root = demo_data.ensure_demo_dataset(
-      os.path.join(base, "data"), seed=0, image_size=64, num_train=8, num_test_good=3,
-      num_test_per_defect=1)
-  config = tiny.get_config(",".join(TINY_CATEGORIES))
+    os.path.join(base, "data"),
+    seed=0,
+    image_size=64,
+    num_train=8,
+    num_test_good=3,
+    num_test_per_defect=1,
+  )
+  config = load_config(tiny_config_path(TINY_CATEGORIES))
   config.data.root = data_root
   workdir = os.path.join(base, "run")
   if not (cached and os.path.exists(os.path.join(workdir, "results.csv"))):

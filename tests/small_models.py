@@ -1,10 +1,11 @@
 """Small test configurations shared by the relatives' tests."""
 
 import os
-import sys
 
 import jax
 import numpy as np
+
+from skrd4ad_jax.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,10 +17,7 @@ def small_config(model_name, section, **fields):
     model_name: ``config.model.name``.
     section: the method's own config section (e.g. 'mrkd'), updated with ``fields``.
   """
-  if os.path.join(REPO, "configs") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-  import tiny  # pylint: disable=g-import-not-at-top
-  cfg = tiny.get_config()
+  cfg = load_config(os.path.join(REPO, "configs", "tiny.py"))
   cfg.model.name = model_name
   cfg.model.oce_blocks = 1
   cfg.model.decoder_blocks = (1, 1, 1)

@@ -3,12 +3,13 @@
 import math
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from scipy import ndimage
 
-from skrd4ad_jax import augment
-from skrd4ad_jax.augment import draem, ilm
+from skrd4ad_jax import normalization
+from skrd4ad_jax.methods.mrkd import ilm
+from skrd4ad_jax.methods.rd_expert import draem
 
 SIZE = 64
 
@@ -18,7 +19,7 @@ def normalised_images(n=4, size=SIZE, seed=0):
   rng = np.random.default_rng(seed)
   rgb = ndimage.gaussian_filter(rng.uniform(0, 1, (n, size, size, 3)), (0, 2, 2, 0))
   rgb = (rgb - rgb.min()) / np.ptp(rgb)
-  return augment.normalize(rgb)
+  return normalization.normalize(rgb)
 
 
 def object_image(size=SIZE, background=230.0, obj=40.0):
@@ -33,13 +34,14 @@ def object_image(size=SIZE, background=230.0, obj=40.0):
 # -- ILM ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("category", ["carpet", "grid", "cable", "bottle", "hazelnut",
-                                      "toothbrush", "brick"])
+@pytest.mark.parametrize(
+  "category", ["carpet", "grid", "cable", "bottle", "hazelnut", "toothbrush", "brick"]
+)
 def test_ilm_mask_marks_exactly_the_changed_pixels(category):
   images = normalised_images()
   if ilm.ilm_params(category).background is not None:
     rgb, _ = object_image()
-    images = np.stack([augment.normalize(rgb / 255.0)] * 4)
+    images = np.stack([normalization.normalize(rgb / 255.0)] * 4)
   aug, masks = ilm.ilm_batch(images, np.random.default_rng(3), category)
   assert aug.shape == images.shape and aug.dtype == np.float32
   assert masks.shape == images.shape[:3]
@@ -69,7 +71,7 @@ def test_ilm_is_deterministic_given_the_generator():
 
 def test_ilm_background_rule_skips_images_without_object():
   flat = np.full((SIZE, SIZE, 3), 200.0)  # exactly the bottle background
-  images = np.stack([augment.normalize(flat / 255.0)] * 2)
+  images = np.stack([normalization.normalize(flat / 255.0)] * 2)
   aug, masks = ilm.ilm_batch(images, np.random.default_rng(0), "bottle")
   np.testing.assert_array_equal(aug, images)
   assert not masks.any()
@@ -77,7 +79,7 @@ def test_ilm_background_rule_skips_images_without_object():
 
 def test_ilm_background_rule_pastes_onto_the_object():
   rgb, disc = object_image(background=200.0)  # bottle: background 200, threshold 60
-  images = np.stack([augment.normalize(rgb / 255.0)] * 8)
+  images = np.stack([normalization.normalize(rgb / 255.0)] * 8)
   _, masks = ilm.ilm_batch(images, np.random.default_rng(5), "bottle")
   # Only object pixels of the source or destination are replaced, and the
   # destination overlaps the object: most changed pixels lie on the disc.
@@ -106,16 +108,18 @@ def official_rand_perlin_2d_np(shape, res, rng):
   """URD utils/perlin.py:rand_perlin_2d_np (np.random replaced by ``rng``)."""
   delta = (res[0] / shape[0], res[1] / shape[1])
   d = (shape[0] // res[0], shape[1] // res[1])
-  grid = np.mgrid[0:res[0]:delta[0], 0:res[1]:delta[1]].transpose(1, 2, 0) % 1
+  grid = np.mgrid[0 : res[0] : delta[0], 0 : res[1] : delta[1]].transpose(1, 2, 0) % 1
   angles = 2 * math.pi * rng.random((res[0] + 1, res[1] + 1))
   gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
-  tile = lambda s1, s2: np.repeat(np.repeat(gradients[s1[0]:s1[1], s2[0]:s2[1]], d[0], 0), d[1], 1)
+  tile = lambda s1, s2: np.repeat(
+    np.repeat(gradients[s1[0] : s1[1], s2[0] : s2[1]], d[0], 0), d[1], 1
+  )
   dot = lambda g, s: (np.stack((grid[..., 0] + s[0], grid[..., 1] + s[1]), -1) * g).sum(-1)
   n00 = dot(tile([0, -1], [0, -1]), [0, 0])
   n10 = dot(tile([1, None], [0, -1]), [-1, 0])
   n01 = dot(tile([0, -1], [1, None]), [0, -1])
   n11 = dot(tile([1, None], [1, None]), [-1, -1])
-  t = 6 * grid ** 5 - 15 * grid ** 4 + 10 * grid ** 3
+  t = 6 * grid**5 - 15 * grid**4 + 10 * grid**3
   lerp = lambda x, y, w: (y - x) * w + x
   return math.sqrt(2) * lerp(lerp(n00, n10, t[..., 0]), lerp(n01, n11, t[..., 0]), t[..., 1])
 
@@ -150,10 +154,10 @@ def test_draem_blend_formula_in_normalised_space():
   t01 = rng.uniform(0, 1, (SIZE, SIZE, 3))
   mask = rng.uniform(size=(SIZE, SIZE)) > 0.5
   beta = 0.3
-  ours = draem.blend(augment.normalize(x01), augment.normalize(t01), mask, beta)
+  ours = draem.blend(normalization.normalize(x01), normalization.normalize(t01), mask, beta)
   m = mask[..., None]
   reference = x01 * (1 - m) + (1 - beta) * t01 * m + beta * x01 * m  # URD, in [0, 1]
-  np.testing.assert_allclose(ours, augment.normalize(reference), atol=1e-5)
+  np.testing.assert_allclose(ours, normalization.normalize(reference), atol=1e-5)
 
 
 def test_draem_is_deterministic_given_the_generator():
@@ -169,7 +173,7 @@ def test_draem_is_deterministic_given_the_generator():
 
 def test_foreground_restriction():
   rgb, disc = object_image()  # dark disc on a bright background
-  images = np.stack([augment.normalize(rgb / 255.0)] * 16)
+  images = np.stack([normalization.normalize(rgb / 255.0)] * 16)
   textures = draem.TextureSource("", SIZE)
   for category in ("bottle", "capsule"):  # grabCut substitute / inverse Otsu
     fg = draem.foreground_mask(rgb, category, "otsu")

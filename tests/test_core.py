@@ -1,22 +1,18 @@
 """Model core: shapes and parameter counts from the spec, skips, losses, maps, steps."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import default  # pylint: disable=wrong-import-position
-
-from skrd4ad_jax import anomaly_map as amap  # pylint: disable=wrong-import-position
-from skrd4ad_jax import losses, teachers, train
+from skrd4ad_jax import anomaly_map as amap
+from skrd4ad_jax import losses, teachers
+from skrd4ad_jax.config import defaults
 from skrd4ad_jax.methods import build_method
 from skrd4ad_jax.models import layers
 from skrd4ad_jax.models.decoder import Decoder
+from skrd4ad_jax.training import train
 
 
 def count(tree):
@@ -24,7 +20,7 @@ def count(tree):
 
 
 def make_config(name="sk_rd4ad", teacher="wide_resnet50_2", size=256):
-  cfg = default.get_config()
+  cfg = defaults.get_config()
   cfg.model.name = name
   cfg.model.teacher = teacher
   cfg.model.teacher_weights = "random"
@@ -84,8 +80,10 @@ def test_resnet18_basic_block_layout():
 @pytest.fixture(scope="module")
 def small():
   """resnet18 SK-RD4AD and RD4AD at 64 px with one shared teacher."""
-  cfg_sk, cfg_rd = make_config(teacher="resnet18", size=64), make_config(
-      "rd4ad", teacher="resnet18", size=64)
+  cfg_sk, cfg_rd = (
+    make_config(teacher="resnet18", size=64),
+    make_config("rd4ad", teacher="resnet18", size=64),
+  )
   sk, rd = build_method(cfg_sk), build_method(cfg_rd)
   tv = teachers.load_teacher_variables("resnet18", "random", image_size=64)
   return sk, rd, tv
@@ -96,8 +94,9 @@ def test_skip_flag_changes_outputs_not_parameters(small):
   s_sk = sk.init(jax.random.PRNGKey(0), tv)
   s_rd = rd.init(jax.random.PRNGKey(0), tv)
   assert jax.tree.structure(s_sk.params) == jax.tree.structure(s_rd.params)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
-                                   s_sk.params, s_rd.params))
+  assert jax.tree.all(
+    jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), s_sk.params, s_rd.params)
+  )
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
   _, out_sk = sk.features(s_sk, tv, x, None)
   _, out_rd = rd.features(s_rd, tv, x, None)
@@ -111,8 +110,10 @@ def test_skip_wiring_e3_to_stage2_e2_to_stage3():
   dec = Decoder(channels=(64, 128, 256), block="basic", blocks=(2, 2, 2), skip=True)
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.normal(size=(1, 2, 2, 512)), jnp.float32)
-  feats = [jnp.asarray(np.abs(rng.normal(size=s)), jnp.float32)
-           for s in [(1, 16, 16, 64), (1, 8, 8, 128), (1, 4, 4, 256)]]
+  feats = [
+    jnp.asarray(np.abs(rng.normal(size=s)), jnp.float32)
+    for s in [(1, 16, 16, 64), (1, 8, 8, 128), (1, 4, 4, 256)]
+  ]
   v = dec.init(jax.random.PRNGKey(0), z, feats)
   base = dec.apply(v, z, feats)
 
@@ -136,8 +137,9 @@ def test_deconv_equals_transposed_convolution():
   ours = mod.apply(v, x)
   # XLA's transposed convolution (the slow-to-differentiate form) with the kernel
   # flipped, as a fractionally strided convolution expects.
-  ref = jax.lax.conv_transpose(x, k[::-1, ::-1], strides=(2, 2), padding="VALID",
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ref = jax.lax.conv_transpose(
+    x, k[::-1, ::-1], strides=(2, 2), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   np.testing.assert_allclose(ours, ref, atol=1e-5)
   # And by definition: out[2i+a, 2j+b, o] = sum_c x[i, j, c] W[c, o, a, b].
   manual = np.zeros((2, 10, 12, 3), np.float32)
@@ -145,7 +147,8 @@ def test_deconv_equals_transposed_convolution():
     for b in range(2):
       manual[:, a::2, b::2, :] = np.einsum("nhwc,co->nhwo", np.asarray(x), np.asarray(k[a, b]))
   np.testing.assert_allclose(ours, manual, atol=1e-5)
-  import torch_oracle  # pylint: disable=g-import-not-at-top
+  import torch_oracle
+
   torch, _, reason = torch_oracle.import_torch()
   if torch is None:
     print("torch oracle not checked:", reason)
@@ -159,8 +162,9 @@ def test_deconv_equals_transposed_convolution():
 
 def _np_cos(a, b, axis):
   dot = (a * b).sum(axis)
-  return dot / (np.maximum(np.linalg.norm(a, axis=axis), 1e-8)
-                * np.maximum(np.linalg.norm(b, axis=axis), 1e-8))
+  return dot / (
+    np.maximum(np.linalg.norm(a, axis=axis), 1e-8) * np.maximum(np.linalg.norm(b, axis=axis), 1e-8)
+  )
 
 
 def _np_align_corners(x, out_h, out_w):
@@ -177,8 +181,12 @@ def _np_align_corners(x, out_h, out_w):
       x0 = min(int(np.floor(sx)), w - 1)
       x1 = min(x0 + 1, w - 1)
       fx = sx - x0
-      out[:, i, j] = ((1 - fy) * (1 - fx) * x[:, y0, x0] + (1 - fy) * fx * x[:, y0, x1]
-                      + fy * (1 - fx) * x[:, y1, x0] + fy * fx * x[:, y1, x1])
+      out[:, i, j] = (
+        (1 - fy) * (1 - fx) * x[:, y0, x0]
+        + (1 - fy) * fx * x[:, y0, x1]
+        + fy * (1 - fx) * x[:, y1, x0]
+        + fy * fx * x[:, y1, x1]
+      )
   return out
 
 
@@ -202,10 +210,11 @@ def test_losses_against_numpy(feature_pairs):
   np.testing.assert_allclose(got["mse"], mse, rtol=1e-5)
   np.testing.assert_allclose(got["mse_cosine"], 0.5 * mse + 0.5 * flat, rtol=1e-5)
   # SK-RD4AD consistency: |MSE(up(E3), up(D1)) - MSE(E2, D2)| + |MSE(up(E2), up(D2)) - MSE(E1, D3)|.
-  up = lambda x, ref: _np_align_corners(x, ref.shape[1], ref.shape[2])  # pylint: disable=unnecessary-lambda-assignment
-  m = lambda a, b: np.mean((a - b) ** 2)  # pylint: disable=unnecessary-lambda-assignment
-  cons = (abs(m(up(t[2], t[1]), up(s[2], t[1])) - m(t[1], s[1]))
-          + abs(m(up(t[1], t[0]), up(s[1], t[0])) - m(t[0], s[0])))
+  up = lambda x, ref: _np_align_corners(x, ref.shape[1], ref.shape[2])
+  m = lambda a, b: np.mean((a - b) ** 2)
+  cons = abs(m(up(t[2], t[1]), up(s[2], t[1])) - m(t[1], s[1])) + abs(
+    m(up(t[1], t[0]), up(s[1], t[0])) - m(t[0], s[0])
+  )
   total, parts = losses.distillation_loss(t, s, "flat_cosine", consistency_rate=0.005)
   np.testing.assert_allclose(float(parts["consistency"]), cons, rtol=1e-5)
   np.testing.assert_allclose(float(total), flat + 0.005 * cons, rtol=1e-5)
@@ -218,23 +227,29 @@ def test_anomaly_map_against_scipy(feature_pairs, mode, scipy_mode):
   t, s = feature_pairs
   size = (48, 40)
   got = np.asarray(jax.jit(lambda a, b: amap.anomaly_map(a, b, size, blur_mode=mode))(t, s))
-  levels = [_np_align_corners((1 - _np_cos(a.astype(np.float64), b.astype(np.float64), -1)),
-                              *size) for a, b in zip(t, s)]
-  ref = scipy.ndimage.gaussian_filter(sum(levels), sigma=(0, 4, 4), mode=scipy_mode,
-                                      truncate=4.0)
+  levels = [
+    _np_align_corners((1 - _np_cos(a.astype(np.float64), b.astype(np.float64), -1)), *size)
+    for a, b in zip(t, s)
+  ]
+  ref = scipy.ndimage.gaussian_filter(sum(levels), sigma=(0, 4, 4), mode=scipy_mode, truncate=4.0)
   assert got.shape == (2, 48, 40)
   assert np.max(np.abs(got - ref)) <= 1e-5
   prod = np.asarray(amap.anomaly_map(t, s, size, mode="mul", sigma=0.0))
   np.testing.assert_allclose(prod, levels[0] * levels[1] * levels[2], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(amap.image_score(jnp.asarray(got))), ref.max(axis=(1, 2)),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(amap.image_score(jnp.asarray(got))), ref.max(axis=(1, 2)), atol=1e-5
+  )
   # config.anomaly_map.levels: a subset of the levels, in any order.
   np.testing.assert_allclose(
-      np.asarray(amap.anomaly_map(t, s, size, sigma=0.0, levels=(2, 1))), levels[0] + levels[1],
-      atol=1e-5)
+    np.asarray(amap.anomaly_map(t, s, size, sigma=0.0, levels=(2, 1))),
+    levels[0] + levels[1],
+    atol=1e-5,
+  )
   np.testing.assert_allclose(
-      np.asarray(amap.anomaly_map(t, s, size, mode="mul", sigma=0.0, levels=(3,))), levels[2],
-      atol=1e-5)
+    np.asarray(amap.anomaly_map(t, s, size, mode="mul", sigma=0.0, levels=(3,))),
+    levels[2],
+    atol=1e-5,
+  )
   for bad in ((), (0, 1), (4,)):
     with pytest.raises(ValueError, match="config.anomaly_map.levels"):
       amap.anomaly_map(t, s, size, levels=bad)
@@ -242,12 +257,12 @@ def test_anomaly_map_against_scipy(feature_pairs, mode, scipy_mode):
 
 @pytest.mark.parametrize("field,value", [("levels", (4,)), ("mode", "max")])
 def test_bad_map_settings_stop_the_method_before_training(field, value):
-  cfg = default.get_config()
+  cfg = defaults.get_config()
   cfg.model.teacher = "resnet18"
   cfg.anomaly_map[field] = value
   with pytest.raises(ValueError, match=f"config.anomaly_map.{field}"):
     build_method(cfg)
-  cfg.anomaly_map[field] = default.get_config().anomaly_map[field]
+  cfg.anomaly_map[field] = defaults.get_config().anomaly_map[field]
   assert build_method(cfg).map_kwargs["levels"] == (1, 2, 3)
 
 
@@ -286,15 +301,18 @@ def test_training_loss_falls(trained):
   assert int(state.step) == 40
   # The teacher never changes; the trainable BatchNorm statistics do.
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), teacher_before, tv)
-  moved = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), stats_before,
-                       state.batch_stats)
+  moved = jax.tree.map(
+    lambda a, b: not np.allclose(a, np.asarray(b)), stats_before, state.batch_stats
+  )
   assert all(jax.tree.leaves(moved))
 
 
 def test_inactive_step_leaves_state_untouched(trained):
   sk, tv, state, *_ = trained
   batch = {"image": stripe_images(8, np.random.default_rng(5))}
-  new, _ = jax.jit(lambda s: train.train_step(sk, s, tv, batch, jax.random.PRNGKey(0), False))(state)
+  new, _ = jax.jit(lambda s: train.train_step(sk, s, tv, batch, jax.random.PRNGKey(0), False))(
+    state
+  )
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new), jax.device_get(state))
 
 
@@ -305,10 +323,10 @@ def test_anomaly_map_peaks_inside_a_foreign_patch(trained, seed):
   image = stripe_images(1, rng)
   y0, x0 = rng.integers(8, 40, size=2)
   red = np.stack([np.full((16, 16), 0.9), np.full((16, 16), 0.2), np.full((16, 16), 0.2)], -1)
-  image[0, y0:y0 + 16, x0:x0 + 16] = (red - 0.45) / 0.225
+  image[0, y0 : y0 + 16, x0 : x0 + 16] = (red - 0.45) / 0.225
   maps, scores = train.jitted_eval_step(sk)(state, tv, jnp.asarray(image), jax.random.PRNGKey(0))
   m = np.asarray(maps[0])
   y, x = np.unravel_index(np.argmax(m), m.shape)
   assert y0 <= y < y0 + 16 and x0 <= x < x0 + 16, ((y, x), (y0, x0))
-  assert m[y0:y0 + 16, x0:x0 + 16].mean() > 1.1 * m.mean()
+  assert m[y0 : y0 + 16, x0 : x0 + 16].mean() > 1.1 * m.mean()
   assert float(scores[0]) == pytest.approx(m.max())

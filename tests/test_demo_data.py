@@ -10,11 +10,10 @@ import pytest
 from scipy import ndimage as ndi
 from sklearn.metrics import roc_auc_score
 
-from data_pipelines import demo_data
-from skrd4ad_jax import baseline
+from skrd4ad_jax.data import demo_data
+from skrd4ad_jax.evaluation import baseline
 
-SMALL = dict(image_size=64, num_train=2, num_test_good=1,
-             num_test_per_defect=1)
+SMALL = dict(image_size=64, num_train=2, num_test_good=1, num_test_per_defect=1)
 
 
 def _files(root):
@@ -33,14 +32,13 @@ def _read_all(root):
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
   return demo_data.ensure_demo_dataset(
-      str(tmp_path_factory.mktemp("demo") / "data"), seed=0, **SMALL)
+    str(tmp_path_factory.mktemp("demo") / "data"), seed=0, **SMALL
+  )
 
 
 def test_determinism_by_seed(small_root, tmp_path):
-  again = demo_data.ensure_demo_dataset(str(tmp_path / "again"), seed=0,
-                                        **SMALL)
-  other = demo_data.ensure_demo_dataset(str(tmp_path / "other"), seed=1,
-                                        **SMALL)
+  again = demo_data.ensure_demo_dataset(str(tmp_path / "again"), seed=0, **SMALL)
+  other = demo_data.ensure_demo_dataset(str(tmp_path / "other"), seed=1, **SMALL)
   a, b, c = _read_all(small_root), _read_all(again), _read_all(other)
   assert a == b  # Byte-identical, manifest included.
   assert set(a) == set(c)
@@ -56,15 +54,13 @@ def test_layout(small_root):
   for cat in demo_data.DEMO_CATEGORIES:
     base = os.path.join(small_root, cat)
     assert sorted(os.listdir(os.path.join(base, "test"))) == sorted(
-        ("good",) + demo_data.DEFECT_KINDS)
-    assert sorted(os.listdir(os.path.join(base, "ground_truth"))) == sorted(
-        demo_data.DEFECT_KINDS)
-    assert sorted(os.listdir(os.path.join(base, "train", "good"))) == [
-        "000.png", "001.png"]
+      ("good",) + demo_data.DEFECT_KINDS
+    )
+    assert sorted(os.listdir(os.path.join(base, "ground_truth"))) == sorted(demo_data.DEFECT_KINDS)
+    assert sorted(os.listdir(os.path.join(base, "train", "good"))) == ["000.png", "001.png"]
     for kind in demo_data.DEFECT_KINDS:
       img = np.asarray(Image.open(os.path.join(base, "test", kind, "000.png")))
-      mask = np.asarray(Image.open(
-          os.path.join(base, "ground_truth", kind, "000_mask.png")))
+      mask = np.asarray(Image.open(os.path.join(base, "ground_truth", kind, "000_mask.png")))
       assert img.shape == (64, 64, 3) and img.dtype == np.uint8
       assert mask.shape == (64, 64) and mask.dtype == np.uint8
       assert set(np.unique(mask)) <= {0, 255} and mask.max() == 255
@@ -78,8 +74,7 @@ def test_idempotent_and_regenerates_on_new_parameters(small_root, tmp_path):
   assert params["seed"] == 0 and params["image_size"] == 64
   stamp = {p: os.stat(p).st_mtime_ns for p in _files(small_root).values()}
   assert demo_data.ensure_demo_dataset(small_root, seed=0, **SMALL) == small_root
-  assert {p: os.stat(p).st_mtime_ns
-          for p in _files(small_root).values()} == stamp
+  assert {p: os.stat(p).st_mtime_ns for p in _files(small_root).values()} == stamp
 
   root = str(tmp_path / "regen")
   demo_data.ensure_demo_dataset(root, seed=0, **SMALL)
@@ -111,8 +106,7 @@ def test_masks_mark_exactly_the_changed_pixels(category):
     for i in range(2):
       rng = np.random.default_rng([7, j, i])
       crop = demo_data.sample_crop(photo, rng, "test")
-      clean, bad, mask = demo_data.make_defect_example(crop, kind, rng, 128,
-                                                       photo)
+      clean, bad, mask = demo_data.make_defect_example(crop, kind, rng, 128, photo)
       diff = np.abs(bad.astype(int) - clean.astype(int)).max(-1)
       changed = diff > demo_data.MASK_EPS
       # Every changed pixel is marked; marked-but-unchanged pixels are only
@@ -130,8 +124,7 @@ def test_masks_mark_exactly_the_changed_pixels(category):
       # those of the clean image for the statistics-preserving kinds; the
       # stain (the colour control) darkens it.
       ys, xs = np.nonzero(mask)
-      box = (slice(max(ys.min() - 4, 0), ys.max() + 5),
-             slice(max(xs.min() - 4, 0), xs.max() + 5))
+      box = (slice(max(ys.min() - 4, 0), ys.max() + 5), slice(max(xs.min() - 4, 0), xs.max() + 5))
       c, b = clean[..., 0][box].astype(float), bad[..., 0][box].astype(float)
       shift, ratio = (b.mean() - c.mean()) / c.std(), b.std() / c.std()
       if kind in demo_data.STATISTICS_PRESERVING_KINDS:
@@ -145,18 +138,18 @@ def test_masks_mark_exactly_the_changed_pixels(category):
 
 def test_defects_survive_resizing_to_64(small_root):
   for cat in demo_data.DEMO_CATEGORIES:
-    data = demo_data.generate_category(cat, seed=3, image_size=128,
-                                       num_train=0, num_test_good=0,
-                                       num_test_per_defect=3)
+    data = demo_data.generate_category(
+      cat, seed=3, image_size=128, num_train=0, num_test_good=0, num_test_per_defect=3
+    )
     for kind in demo_data.DEFECT_KINDS:
       for _, mask in data[f"test/{kind}"]:
-        m64 = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-            (64, 64), Image.BILINEAR)
+        m64 = Image.fromarray(mask.astype(np.uint8) * 255).resize((64, 64), Image.BILINEAR)
         assert (np.asarray(m64) > 127).sum() >= 8, (cat, kind)
   for cat in demo_data.DEMO_CATEGORIES:  # Generated directly at 64 px.
     for kind in demo_data.DEFECT_KINDS:
-      mask = np.asarray(Image.open(os.path.join(
-          small_root, cat, "ground_truth", kind, "000_mask.png")))
+      mask = np.asarray(
+        Image.open(os.path.join(small_root, cat, "ground_truth", kind, "000_mask.png"))
+      )
       assert (mask > 127).sum() >= 8, (cat, kind)
 
 
@@ -177,20 +170,23 @@ def test_baseline_shapes_and_speed():
 
 @pytest.fixture(scope="module")
 def brick_split():
-  data = demo_data.generate_category("brick", seed=0, image_size=128,
-                                     num_train=24, num_test_good=8,
-                                     num_test_per_defect=8)
+  data = demo_data.generate_category(
+    "brick", seed=0, image_size=128, num_train=24, num_test_good=8, num_test_per_defect=8
+  )
   return np.stack(data["train"]), np.stack(data["test/good"]), data
 
 
 def _aurocs(train, good, defects, window=11):
   imgs = np.concatenate([good, np.stack([im for im, _ in defects])])
-  masks = np.concatenate([np.zeros(good.shape[:3], bool),
-                          np.stack([m for _, m in defects])])
+  masks = np.concatenate([np.zeros(good.shape[:3], bool), np.stack([m for _, m in defects])])
   labels = np.r_[np.zeros(len(good)), np.ones(len(defects))]
   maps = baseline.colour_statistics_baseline(train, imgs, window=window)
-  return (roc_auc_score(labels, baseline.image_scores(maps)),
-          roc_auc_score(masks.ravel(), maps.ravel()), maps, masks)
+  return (
+    roc_auc_score(labels, baseline.image_scores(maps)),
+    roc_auc_score(masks.ravel(), maps.ravel()),
+    maps,
+    masks,
+  )
 
 
 def test_baseline_finds_a_strong_colour_defect(brick_split):
@@ -198,8 +194,10 @@ def test_baseline_finds_a_strong_colour_defect(brick_split):
   _, pix, maps, masks = _aurocs(train, good, data["test/stain"])
   assert pix > 0.9
   n = len(good)
-  ratios = [maps[n + k][masks[n + k]].mean() / maps[n + k][~masks[n + k]].mean()
-            for k in range(len(data["test/stain"]))]  # Inside / outside.
+  ratios = [
+    maps[n + k][masks[n + k]].mean() / maps[n + k][~masks[n + k]].mean()
+    for k in range(len(data["test/stain"]))
+  ]  # Inside / outside.
   assert min(ratios) > 1.5 and np.median(ratios) > 2.5, ratios
 
 

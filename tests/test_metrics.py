@@ -16,11 +16,10 @@ from scipy import ndimage
 from skimage import measure
 from sklearn import metrics as skm
 
-from skrd4ad_jax import metrics
+from skrd4ad_jax.evaluation import metrics
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
-_SHARED_CASES = os.path.join(_TESTS, "..", "..", "shared", "reference",
-                             "aupro_cases")
+_SHARED_CASES = os.path.join(_TESTS, "..", "..", "shared", "reference", "aupro_cases")
 _LOCAL_CASES = os.path.join(_TESTS, "data", "aupro_cases")
 CASES_DIR = _SHARED_CASES if os.path.isdir(_SHARED_CASES) else _LOCAL_CASES
 
@@ -49,10 +48,10 @@ def make_case(seed, num_images=12, num_anomalous=None, size=64, levels=None):
       radius = rng.choice([0.5, 2.0, 5.0, 11.0])
       ry, rx = radius * rng.uniform(0.6, 1.4, 2)
       cy, cx = rng.integers(0, size, 2)
-      masks[i] |= (((yy - cy) / ry)**2 + ((xx - cx) / rx)**2 <= 1).astype(
-          np.uint8)
-  noise = ndimage.gaussian_filter(
-      rng.standard_normal((num_images, size, size)), sigma=(0, 2, 2)) * 4
+      masks[i] |= (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8)
+  noise = (
+    ndimage.gaussian_filter(rng.standard_normal((num_images, size, size)), sigma=(0, 2, 2)) * 4
+  )
   signal = ndimage.gaussian_filter(masks.astype(float), sigma=(0, 1.5, 1.5))
   maps = noise + signal * rng.uniform(0.3, 2.0, (num_images, 1, 1))
   if levels is not None:
@@ -166,7 +165,8 @@ def test_normal_images_lower_pooled_but_not_rd4ad_aupro():
   hot_normals[-3:] += 3.0  # the last images are normal
   assert metrics.aupro(masks, hot_normals) < metrics.aupro(masks, maps) - 0.05
   assert metrics.aupro(masks, hot_normals, protocol="rd4ad") == pytest.approx(
-      metrics.aupro(masks, maps, protocol="rd4ad"), abs=1e-12)
+    metrics.aupro(masks, maps, protocol="rd4ad"), abs=1e-12
+  )
 
 
 # --- AUPRO, RD4AD per-image protocol ----------------------------------------
@@ -184,14 +184,15 @@ def test_rd4ad_matches_reference_on_float64_tied_maps():
   masks, maps = make_case(8, size=40, levels=25)
   maps = maps.astype(np.float64)
   assert metrics.aupro(masks, maps, protocol="rd4ad") == pytest.approx(
-      rd4ad_reference(masks, maps), abs=1e-6)
+    rd4ad_reference(masks, maps), abs=1e-6
+  )
 
 
 def test_rd4ad_other_limit_matches_reference():
   masks, maps = make_case(9, size=40)
-  assert metrics.aupro(masks, maps, fpr_limit=0.1,
-                       protocol="rd4ad") == pytest.approx(
-                           rd4ad_reference(masks, maps, limit=0.1), abs=1e-6)
+  assert metrics.aupro(masks, maps, fpr_limit=0.1, protocol="rd4ad") == pytest.approx(
+    rd4ad_reference(masks, maps, limit=0.1), abs=1e-6
+  )
 
 
 # --- Independent implementations (anomalib; RD4AD compute_pro) ---------------
@@ -204,9 +205,11 @@ def test_aupro_cases(name):
   case = np.load(os.path.join(CASES_DIR, name))
   masks, maps = case["masks"], case["anomaly_maps"]
   assert metrics.aupro(masks, maps, protocol="mvtec") == pytest.approx(
-      expected["mvtec_anomalib"], abs=1e-3)
+    expected["mvtec_anomalib"], abs=1e-3
+  )
   assert metrics.aupro(masks, maps, protocol="rd4ad") == pytest.approx(
-      expected["rd4ad_per_image"], abs=1e-6)
+    expected["rd4ad_per_image"], abs=1e-6
+  )
 
 
 # --- AUROC, AP, F1 ------------------------------------------------------------
@@ -216,9 +219,11 @@ def test_aupro_cases(name):
 def test_pixel_auroc_and_ap_match_sklearn(levels):
   masks, maps = make_case(10, levels=levels)
   assert metrics.pixel_auroc(masks, maps) == pytest.approx(
-      skm.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    skm.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12
+  )
   assert metrics.pixel_ap(masks, maps) == pytest.approx(
-      skm.average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    skm.average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12
+  )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -228,9 +233,11 @@ def test_image_auroc_ap_match_sklearn(seed):
   # Rounded scores: ties inside and across classes.
   scores = np.round(rng.standard_normal(57) + labels, 1)
   assert metrics.image_auroc(labels, scores) == pytest.approx(
-      skm.roc_auc_score(labels, scores), abs=1e-12)
+    skm.roc_auc_score(labels, scores), abs=1e-12
+  )
   assert metrics.image_ap(labels, scores) == pytest.approx(
-      skm.average_precision_score(labels, scores), abs=1e-12)
+    skm.average_precision_score(labels, scores), abs=1e-12
+  )
 
 
 def f1max_reference(labels, scores):
@@ -256,8 +263,7 @@ def test_f1max_matches_threshold_loop(seed):
 
 
 def test_pixel_f1max_matches_threshold_loop():
-  masks, maps = make_case(11, num_images=4, num_anomalous=3, size=24,
-                          levels=20)
+  masks, maps = make_case(11, num_images=4, num_anomalous=3, size=24, levels=20)
   f1, th = metrics.pixel_f1max(masks, maps)
   ref_f1, ref_th = f1max_reference(masks.ravel(), maps.ravel())
   assert (f1, th) == pytest.approx((ref_f1, ref_th), abs=1e-12)
@@ -269,34 +275,46 @@ def test_compute_metrics_names_and_consistency():
   scores = maps.reshape(len(maps), -1).max(axis=1)
   result = metrics.compute_metrics(labels, scores, masks, maps)
   assert list(result) == [
-      "image_auroc", "pixel_auroc", "pixel_aupro", "pixel_aupro_rd4ad",
-      "image_f1max", "image_f1max_threshold", "pixel_ap", "image_ap",
-      "pixel_f1max", "pixel_f1max_threshold"
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_aupro",
+    "pixel_aupro_rd4ad",
+    "image_f1max",
+    "image_f1max_threshold",
+    "pixel_ap",
+    "image_ap",
+    "pixel_f1max",
+    "pixel_f1max_threshold",
   ]
-  assert all(type(v) is float for v in result.values())  # pylint: disable=unidiomatic-typecheck
+  assert all(type(v) is float for v in result.values())
   json.dumps(result)
   assert result["pixel_aupro"] == metrics.aupro(masks, maps)
-  assert result["pixel_aupro_rd4ad"] == metrics.aupro(masks, maps,
-                                                      protocol="rd4ad")
+  assert result["pixel_aupro_rd4ad"] == metrics.aupro(masks, maps, protocol="rd4ad")
   assert result["pixel_auroc"] == metrics.pixel_auroc(masks, maps)
   assert result["pixel_ap"] == metrics.pixel_ap(masks, maps)
-  assert (result["pixel_f1max"],
-          result["pixel_f1max_threshold"]) == metrics.pixel_f1max(masks, maps)
+  assert (result["pixel_f1max"], result["pixel_f1max_threshold"]) == metrics.pixel_f1max(
+    masks, maps
+  )
   assert result["image_auroc"] == metrics.image_auroc(labels, scores)
   assert result["image_ap"] == metrics.image_ap(labels, scores)
-  assert (result["image_f1max"],
-          result["image_f1max_threshold"]) == metrics.image_f1max(
-              labels, scores)
+  assert (result["image_f1max"], result["image_f1max_threshold"]) == metrics.image_f1max(
+    labels, scores
+  )
 
 
 def test_compute_metrics_without_masks(recwarn):
   labels = np.array([0, 0, 1, 1, 0])
   scores = np.array([0.1, 0.4, 0.35, 0.8, 0.2])
   result = metrics.compute_metrics(labels, scores, None, None)
-  assert result["image_auroc"] == pytest.approx(
-      skm.roc_auc_score(labels, scores))
-  for key in ("pixel_auroc", "pixel_aupro", "pixel_aupro_rd4ad", "pixel_ap",
-              "pixel_f1max", "pixel_f1max_threshold"):
+  assert result["image_auroc"] == pytest.approx(skm.roc_auc_score(labels, scores))
+  for key in (
+    "pixel_auroc",
+    "pixel_aupro",
+    "pixel_aupro_rd4ad",
+    "pixel_ap",
+    "pixel_f1max",
+    "pixel_f1max_threshold",
+  ):
     assert np.isnan(result[key])
   assert not recwarn.list  # absent masks are normal, not a problem
 
@@ -309,12 +327,10 @@ def test_mask_dtypes_and_shapes_are_equivalent():
   expected = metrics.aupro(masks, maps)
   # Resized masks hold fractions; 0.5 is the cut.
   blurred = masks * 0.8 + 0.1
-  for variant in (masks.astype(bool), masks * 255, masks.astype(np.float32),
-                  blurred):
+  for variant in (masks.astype(bool), masks * 255, masks.astype(np.float32), blurred):
     assert metrics.aupro(variant, maps) == expected
   assert metrics.aupro(masks[..., None], maps[..., None]) == expected
-  assert metrics.pixel_auroc(masks * 255, maps) == metrics.pixel_auroc(
-      masks, maps)
+  assert metrics.pixel_auroc(masks * 255, maps) == metrics.pixel_auroc(masks, maps)
 
 
 def test_non_finite_maps_name_count_and_image():
@@ -359,8 +375,7 @@ def test_no_anomalous_image():
   with pytest.warns(RuntimeWarning, match="image_auroc"):
     assert np.isnan(metrics.image_auroc([0, 0, 0, 0], [1.0, 2.0, 3.0, 4.0]))
   with pytest.warns(RuntimeWarning):
-    result = metrics.compute_metrics([0] * 4, [1.0, 2.0, 3.0, 4.0], masks,
-                                     maps)
+    result = metrics.compute_metrics([0] * 4, [1.0, 2.0, 3.0, 4.0], masks, maps)
   assert all(np.isnan(v) for v in result.values())
 
 
@@ -376,7 +391,8 @@ def test_only_anomalous_images():
   assert result["image_f1max_threshold"] == scores.min()
   assert 0 < result["pixel_aupro"] < 1 and 0 < result["pixel_aupro_rd4ad"] < 1
   assert result["pixel_auroc"] == pytest.approx(
-      skm.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    skm.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12
+  )
 
 
 def test_one_pixel_defect():
@@ -390,7 +406,8 @@ def test_one_pixel_defect():
   maps[1, 7, 9] = -1.0  # now the coldest
   assert metrics.aupro(masks, maps) == pytest.approx(0.0)
   assert metrics.aupro(masks, maps, protocol="rd4ad") == pytest.approx(
-      rd4ad_reference(masks, maps), abs=1e-6)
+    rd4ad_reference(masks, maps), abs=1e-6
+  )
 
 
 def test_constant_maps():

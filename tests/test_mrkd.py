@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_models import count, small_config
 
-from skrd4ad_jax import parallel, teachers, train
+from skrd4ad_jax import teachers
 from skrd4ad_jax.methods import build_method
-from skrd4ad_jax.models import mrkd_heads
+from skrd4ad_jax.methods.mrkd import heads as mrkd_heads
 from skrd4ad_jax.models.student import student_layout
-from small_models import count, small_config  # pylint: disable=g-bad-import-order
+from skrd4ad_jax.training import parallel, train
 
 SIZE = 64
 WRN_CHANNELS = (256, 512, 1024)
@@ -38,8 +39,10 @@ def state(method, teacher_vars):
 
 def test_generation_heads_parameter_count_matches_spec():
   # wide_resnet50_2 decoder outputs [D3, D2, D1] (spatial size does not matter).
-  decoded = [jax.ShapeDtypeStruct((1, 8 * 2 ** (2 - i), 8 * 2 ** (2 - i), c), jnp.float32)
-             for i, c in enumerate(WRN_CHANNELS)]
+  decoded = [
+    jax.ShapeDtypeStruct((1, 8 * 2 ** (2 - i), 8 * 2 ** (2 - i), c), jnp.float32)
+    for i, c in enumerate(WRN_CHANNELS)
+  ]
   heads = mrkd_heads.FLMHeads()
   shapes = jax.eval_shape(lambda d: heads.init(jax.random.PRNGKey(0), d, mask=False), decoded)
   assert count(shapes) == 24_776_192  # spec §6.1: 24.78 M
@@ -52,8 +55,9 @@ def test_mrkd_student_is_rd4ad_plus_heads():
   cfg.model.teacher = "wide_resnet50_2"
   cfg.model.oce_blocks, cfg.model.decoder_blocks = 0, ()
   student = mrkd_heads.MRKDStudent(layout=student_layout(cfg.model))
-  feats = [jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)
-           for s, c in zip((64, 32, 16), WRN_CHANNELS)]
+  feats = [
+    jax.ShapeDtypeStruct((1, s, s, c), jnp.float32) for s, c in zip((64, 32, 16), WRN_CHANNELS)
+  ]
   shapes = jax.eval_shape(lambda f: student.init(jax.random.PRNGKey(0), f), feats)
   params = shapes["params"]
   assert count(params["bottleneck"]) == 58_885_120  # spec §1.4
@@ -123,16 +127,20 @@ def test_vmapped_two_category_training_lowers_the_loss(method, teacher_vars, sta
   steps = 20
   categories = ("carpet", "bottle")
   stacked = parallel.stack([state, state])
-  step = jax.jit(jax.vmap(functools.partial(train.train_step, method),
-                          in_axes=(0, None, 0, None, 0)))
+  step = jax.jit(
+    jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, None, 0))
+  )
   images = np.random.default_rng(0).normal(size=(2, 2, SIZE, SIZE, 3)).astype(np.float32)
   losses = []
   for i in range(steps):
-    batches = [method.make_batch(images[k], np.random.default_rng((k, i)), c)
-               for k, c in enumerate(categories)]
+    batches = [
+      method.make_batch(images[k], np.random.default_rng((k, i)), c)
+      for k, c in enumerate(categories)
+    ]
     batch = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-    stacked, metrics = step(stacked, teacher_vars, batch, jax.random.PRNGKey(7),
-                            np.array([True, True]))
+    stacked, metrics = step(
+      stacked, teacher_vars, batch, jax.random.PRNGKey(7), np.array([True, True])
+    )
     losses.append(np.asarray(metrics["loss"]))
   losses = np.stack(losses)  # [steps, 2]
   assert np.isfinite(losses).all()

@@ -1,4 +1,4 @@
-"""Several processes (issue 6, point 4): 2 processes on localhost = one process.
+"""Several processes: 2 processes on localhost = one process.
 
 The main job runs once as a single process with 2 simulated CPU devices, and
 once as 2 processes (``jax.distributed`` on localhost, CPU collectives) with one
@@ -17,21 +17,28 @@ import subprocess
 import sys
 
 import pytest
-
 import test_parallel as tp
-from test_parallel import data_root  # pylint: disable=unused-import  (a fixture)
 
 REPO = tp.REPO
 CATEGORIES = tp.CATEGORIES
 EPOCHS = 3
 # Command-line form of test_parallel's overrides (configs/tiny.py made smaller).
 FLAGS = [
-    "--config.data.image_size=64", "--config.model.oce_blocks=1",
-    "--config.model.decoder_blocks=(1,1,1)", "--config.train.batch_size=2",
-    f"--config.train.epochs={EPOCHS}", "--config.train.log_every_steps=100",
-    "--config.train.checkpoint_every_epochs=1", "--config.eval.save_pictures=False",
-    "--config.eval.tensorboard_pictures=0",
+  "--config.data.image_size=64",
+  "--config.model.oce_blocks=1",
+  "--config.model.decoder_blocks=(1,1,1)",
+  "--config.train.batch_size=2",
+  f"--config.train.epochs={EPOCHS}",
+  "--config.train.log_every_steps=100",
+  "--config.train.checkpoint_every_epochs=1",
+  "--config.eval.save_pictures=False",
+  "--config.eval.tensorboard_pictures=0",
 ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  return tp.make_data_root(tmp_path_factory)
 
 
 def _free_port():
@@ -41,19 +48,36 @@ def _free_port():
 
 
 def _command(workdir, data_root, extra=()):
-  return [sys.executable, "-m", "skrd4ad_jax.main",
-          f"--config=configs/tiny.py:{','.join(CATEGORIES)}", f"--workdir={workdir}",
-          f"--config.data.root={data_root}", *FLAGS, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "skrd4ad_jax.main",
+    f"--config=configs/tiny.py:{','.join(CATEGORIES)}",
+    f"--workdir={workdir}",
+    f"--config.data.root={data_root}",
+    *FLAGS,
+    *extra,
+  ]
 
 
 def _run_two_processes(workdir, data_root, cache_dir):
   """Runs the main job as 2 processes on localhost; returns their logs."""
   port = _free_port()
-  procs = [subprocess.Popen(
-      _command(workdir, data_root, [f"--coordinator_address=localhost:{port}",
-                                    "--num_processes=2", f"--process_id={i}"]),
-      cwd=REPO, env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _command(
+        workdir,
+        data_root,
+        [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      ),
+      cwd=REPO,
+      env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = []
   try:
     for p in procs:
@@ -76,9 +100,14 @@ def _results(workdir):
 def test_two_processes_equal_one_process(data_root, tmp_path):
   cache_dir = str(tmp_path / "xla_cache")
   single = tmp_path / "single"
-  proc = subprocess.run(_command(single, data_root), cwd=REPO,
-                        env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    _command(single, data_root),
+    cwd=REPO,
+    env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-6000:]
 
   multi = tmp_path / "multi"
@@ -94,7 +123,8 @@ def test_two_processes_equal_one_process(data_root, tmp_path):
     assert not any(f"[{c}]" in logs[i] for c in others), logs[i][-3000:]
 
   # The same numbers as the single process: parameters, batch statistics, metrics.
-  from skrd4ad_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from skrd4ad_jax.training import checkpoints
+
   config = tp.tiny_config(CATEGORIES, data_root, **{"train.epochs": EPOCHS})
   ref_rows, rows = _results(single), _results(multi)
   assert sorted(rows) == sorted(CATEGORIES)

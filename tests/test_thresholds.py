@@ -6,8 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from skrd4ad_jax import metrics
-from skrd4ad_jax import thresholds
+from skrd4ad_jax.evaluation import metrics, thresholds
 
 
 def brute_force_f1max(labels, scores):
@@ -33,8 +32,8 @@ def make_validation(seed, num_images=10, size=24, anomalous=True):
   if anomalous:
     for i in range(num_images // 2):
       y, x = rng.integers(0, size - 6, 2)
-      masks[i, y:y + 6, x:x + 6] = 1
-      maps[i, y:y + 6, x:x + 6] += 0.7
+      masks[i, y : y + 6, x : x + 6] = 1
+      maps[i, y : y + 6, x : x + 6] += 0.7
   labels = masks.reshape(num_images, -1).max(axis=1)
   scores = maps.reshape(num_images, -1).max(axis=1)
   return labels, scores, masks, maps
@@ -42,20 +41,19 @@ def make_validation(seed, num_images=10, size=24, anomalous=True):
 
 def test_binarize_masks():
   np.testing.assert_array_equal(
-      thresholds.binarize_masks(np.array([0, 255, 1], np.uint8)),
-      [False, True, True])
+    thresholds.binarize_masks(np.array([0, 255, 1], np.uint8)), [False, True, True]
+  )
   # Resized float masks are cut at 0.5.
   np.testing.assert_array_equal(
-      thresholds.binarize_masks(np.array([0.0, 0.49, 0.51, 1.0])),
-      [False, False, True, True])
+    thresholds.binarize_masks(np.array([0.0, 0.49, 0.51, 1.0])), [False, False, True, True]
+  )
   mask = np.array([True, False])
   assert thresholds.binarize_masks(mask) is mask
 
 
 def test_as_scores_names_bad_values():
   with pytest.raises(ValueError, match=r"maps holds 2 NaN/inf.*1, 4"):
-    thresholds.as_scores(
-        np.array([[0.0], [np.nan], [1.0], [2.0], [np.inf]]), "maps")
+    thresholds.as_scores(np.array([[0.0], [np.nan], [1.0], [2.0], [np.inf]]), "maps")
   assert thresholds.as_scores(np.arange(3), "x").dtype == np.float64
   assert thresholds.as_scores(np.ones(3, np.float32), "x").dtype == np.float32
 
@@ -121,13 +119,16 @@ def test_normal_only_threshold_is_the_quantile():
   assert 0.005 <= np.mean(scores >= threshold) <= 0.015
 
 
-@pytest.mark.parametrize("scores", [
+@pytest.mark.parametrize(
+  "scores",
+  [
     [0.3],
     [0.3, 0.3, 0.3],
     [0.1, 0.2],
     [5.0, 5.0, 5.0, 5.0, 6.0],
     list(np.random.default_rng(3).random(7)),
-])
+  ],
+)
 def test_normal_only_threshold_never_flags_every_normal_image(scores):
   scores = np.asarray(scores)
   threshold = thresholds.normal_only_threshold(scores)
@@ -144,13 +145,10 @@ def test_choose_thresholds_with_anomalies_is_f1_optimal():
   labels, scores, masks, maps = make_validation(4)
   chosen = thresholds.choose_thresholds(labels, scores, masks, maps)
   assert chosen["rule"] == thresholds.RULE_F1
-  assert chosen["image_threshold"] == thresholds.f1_optimal_threshold(
-      labels, scores)
-  assert chosen["pixel_threshold"] == brute_force_f1max(
-      masks.ravel(), maps.ravel())[1]
+  assert chosen["image_threshold"] == thresholds.f1_optimal_threshold(labels, scores)
+  assert chosen["pixel_threshold"] == brute_force_f1max(masks.ravel(), maps.ravel())[1]
   assert chosen["pixel_threshold"] == metrics.pixel_f1max(masks, maps)[1]
-  assert (chosen["image_min"], chosen["image_max"]) == (scores.min(),
-                                                        scores.max())
+  assert (chosen["image_min"], chosen["image_max"]) == (scores.min(), scores.max())
   assert (chosen["pixel_min"], chosen["pixel_max"]) == (maps.min(), maps.max())
   # Known answer: the defects (+0.7) are the top scores, so F1 = 1.
   assert np.array_equal(scores >= chosen["image_threshold"], labels == 1)
@@ -159,9 +157,9 @@ def test_choose_thresholds_with_anomalies_is_f1_optimal():
 @pytest.mark.parametrize("with_masks", [True, False])
 def test_choose_thresholds_normal_only(with_masks):
   labels, scores, masks, maps = make_validation(5, anomalous=False)
-  chosen = thresholds.choose_thresholds(labels, scores,
-                                        masks if with_masks else None, maps,
-                                        normal_quantile=0.95)
+  chosen = thresholds.choose_thresholds(
+    labels, scores, masks if with_masks else None, maps, normal_quantile=0.95
+  )
   assert chosen["rule"] == "normal_quantile_0.95"
   assert not np.all(scores >= chosen["image_threshold"])
   assert chosen["image_threshold"] == pytest.approx(np.quantile(scores, 0.95))
@@ -173,8 +171,7 @@ def test_choose_thresholds_without_masks_uses_normal_maps():
   labels, scores, _, maps = make_validation(6)
   chosen = thresholds.choose_thresholds(labels, scores, None, maps)
   assert chosen["rule"] == "image=f1_optimal,pixel=normal_quantile_0.99"
-  assert chosen["pixel_threshold"] == pytest.approx(
-      np.quantile(maps[labels == 0], 0.99))
+  assert chosen["pixel_threshold"] == pytest.approx(np.quantile(maps[labels == 0], 0.99))
 
 
 def test_choose_thresholds_all_anomalous_without_masks_warns():
@@ -187,13 +184,20 @@ def test_choose_thresholds_all_anomalous_without_masks_warns():
 
 def test_choose_thresholds_is_json_serialisable():
   labels, scores, masks, maps = make_validation(7)
-  for chosen in (thresholds.choose_thresholds(labels, scores, masks, maps),
-                 thresholds.choose_thresholds(labels, scores, None, None)):
+  for chosen in (
+    thresholds.choose_thresholds(labels, scores, masks, maps),
+    thresholds.choose_thresholds(labels, scores, None, None),
+  ):
     assert set(chosen) == {
-        "image_threshold", "pixel_threshold", "rule", "image_min",
-        "image_max", "pixel_min", "pixel_max"
+      "image_threshold",
+      "pixel_threshold",
+      "rule",
+      "image_min",
+      "image_max",
+      "pixel_min",
+      "pixel_max",
     }
-    assert all(type(v) in (float, str) for v in chosen.values())  # pylint: disable=unidiomatic-typecheck
+    assert all(type(v) in (float, str) for v in chosen.values())
     assert json.loads(json.dumps(chosen)).keys() == chosen.keys()
 
 
@@ -201,11 +205,10 @@ def test_normalize_scores_threshold_at_half_and_clipped():
   low, threshold, high = 2.0, 3.0, 7.0
   x = np.array([0.0, 2.0, 2.5, 3.0, 5.0, 7.0, 9.0])
   np.testing.assert_allclose(
-      thresholds.normalize_scores(x, threshold, low, high),
-      [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    thresholds.normalize_scores(x, threshold, low, high), [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+  )
   assert thresholds.normalize_scores(3.0, threshold, low, high) == 0.5
-  assert isinstance(thresholds.normalize_scores(3.0, threshold, low, high),
-                    float)
+  assert isinstance(thresholds.normalize_scores(3.0, threshold, low, high), float)
   grid = np.linspace(-1, 10, 500)
   out = thresholds.normalize_scores(grid, threshold, low, high)
   assert np.all(np.diff(out) >= 0)
@@ -213,7 +216,9 @@ def test_normalize_scores_threshold_at_half_and_clipped():
   np.testing.assert_array_equal(out >= 0.5, grid >= threshold)
 
 
-@pytest.mark.parametrize("threshold, low, high, x, expected", [
+@pytest.mark.parametrize(
+  "threshold, low, high, x, expected",
+  [
     # threshold at the minimum
     (2.0, 2.0, 4.0, [1.0, 2.0, 3.0, 10.0], [0.0, 0.5, 0.75, 1.0]),
     # threshold at the maximum
@@ -222,7 +227,8 @@ def test_normalize_scores_threshold_at_half_and_clipped():
     (3.0, 3.0, 3.0, [1.0, 3.0, 4.0, 10.0], [0.0, 0.5, 1.0, 1.0]),
     # threshold above the maximum (a normal-only rule can give this)
     (5.0, 2.0, 4.0, [1.0, 4.0, 5.0, 10.0], [0.0, 1 / 3, 0.5, 1.0]),
-])
+  ],
+)
 def test_normalize_scores_guards_zero_width(threshold, low, high, x, expected):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no division-by-zero warning

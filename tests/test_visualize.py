@@ -1,18 +1,19 @@
 """Tests for skrd4ad_jax.visualize (numpy / scikit-image / Pillow only)."""
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from skimage import segmentation
 
-from skrd4ad_jax import visualize
+from skrd4ad_jax import normalization
+from skrd4ad_jax.evaluation import visualize
 
 SIZE = 64
 
 
 def _disk(center, radius, size=SIZE):
   yy, xx = np.mgrid[:size, :size]
-  return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius ** 2
+  return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
 
 
 def _gray_image(size=SIZE, value=128):
@@ -21,11 +22,10 @@ def _gray_image(size=SIZE, value=128):
 
 def _bump(size=SIZE):
   yy, xx = np.mgrid[:size, :size]
-  return np.exp(-((yy - 30) ** 2 + (xx - 34) ** 2) / (2 * 8.0 ** 2))
+  return np.exp(-((yy - 30) ** 2 + (xx - 34) ** 2) / (2 * 8.0**2))
 
 
 class TestColorize:
-
   def test_shape_and_dtype(self):
     heat = visualize.colorize(np.random.default_rng(0).random((5, 7)))
     assert heat.shape == (5, 7, 3)
@@ -57,12 +57,11 @@ class TestColorize:
 
 
 class TestDenormalize:
-
   def test_round_trip(self):
-    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(
-        np.uint8)
-    normalised = ((image / 255.0 - np.array(visualize.IMAGENET_MEAN))
-                  / np.array(visualize.IMAGENET_STD)).astype(np.float32)
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    normalised = (
+      (image / 255.0 - np.array(normalization.IMAGENET_MEAN)) / np.array(normalization.IMAGENET_STD)
+    ).astype(np.float32)
     restored = visualize.denormalize(normalised)
     assert restored.dtype == np.uint8
     np.testing.assert_array_equal(restored, image)
@@ -73,11 +72,17 @@ class TestDenormalize:
 
 
 class TestOverlayPicture:
-
   def test_shape_and_dtype(self):
     picture = visualize.overlay_picture(
-        _gray_image(), _bump(), _disk((30, 34), 10), _bump() > 0.5,
-        score=0.73, label="NG", threshold=0.5, title="carpet/color/000.png")
+      _gray_image(),
+      _bump(),
+      _disk((30, 34), 10),
+      _bump() > 0.5,
+      score=0.73,
+      label="NG",
+      threshold=0.5,
+      title="carpet/color/000.png",
+    )
     assert picture.dtype == np.uint8
     assert picture.ndim == 3 and picture.shape[2] == 3
     assert picture.shape[1] == 3 * SIZE + 2 * visualize.PANEL_GAP
@@ -87,15 +92,13 @@ class TestOverlayPicture:
     gt = _disk((20, 20), 8)
     pred = _disk((44, 44), 8)
     picture = visualize.overlay_picture(
-        _gray_image(), np.zeros((SIZE, SIZE)), gt, pred, contour_thickness=1)
+      _gray_image(), np.zeros((SIZE, SIZE)), gt, pred, contour_thickness=1
+    )
     panel = picture[:SIZE, :SIZE].astype(int)
-    green = (panel[..., 1] == 255) & (panel[..., 0] == 0) & (
-        panel[..., 2] == 0)
+    green = (panel[..., 1] == 255) & (panel[..., 0] == 0) & (panel[..., 2] == 0)
     red = (panel[..., 0] == 255) & (panel[..., 1] == 0) & (panel[..., 2] == 0)
-    np.testing.assert_array_equal(
-        green, segmentation.find_boundaries(gt, mode="outer") & ~gt)
-    np.testing.assert_array_equal(
-        red, segmentation.find_boundaries(pred, mode="inner") & pred)
+    np.testing.assert_array_equal(green, segmentation.find_boundaries(gt, mode="outer") & ~gt)
+    np.testing.assert_array_equal(red, segmentation.find_boundaries(pred, mode="inner") & pred)
     # Away from the contours the image is untouched.
     untouched = ~(green | red)
     assert np.all(panel[untouched] == 128)
@@ -103,15 +106,13 @@ class TestOverlayPicture:
   def test_prediction_on_overlay_panel_and_heat_panel(self):
     pred = _disk((32, 32), 10)
     heat = _bump()
-    picture = visualize.overlay_picture(_gray_image(), heat, None, pred,
-                                        vmin=0.0, vmax=1.0)
+    picture = visualize.overlay_picture(_gray_image(), heat, None, pred, vmin=0.0, vmax=1.0)
     start = SIZE + visualize.PANEL_GAP
-    overlay = picture[:SIZE, start:start + SIZE]
+    overlay = picture[:SIZE, start : start + SIZE]
     ring = visualize.contour(pred, 2, inside=True)
     assert np.all(overlay[ring] == 255)
-    heat_panel = picture[:SIZE, 2 * start:2 * start + SIZE]
-    np.testing.assert_array_equal(heat_panel,
-                                  visualize.colorize(heat, 0.0, 1.0))
+    heat_panel = picture[:SIZE, 2 * start : 2 * start + SIZE]
+    np.testing.assert_array_equal(heat_panel, visualize.colorize(heat, 0.0, 1.0))
     # No ground truth given: no green contour anywhere on the image panel.
     image_panel = picture[:SIZE, :SIZE]
     assert not np.any((image_panel[..., 1] == 255) & (image_panel[..., 0] == 0))
@@ -125,14 +126,15 @@ class TestOverlayPicture:
 
   def test_resizes_map_and_masks_to_the_image(self):
     picture = visualize.overlay_picture(
-        _gray_image(2 * SIZE), _bump(), _disk((30, 34), 10),
-        _disk((30, 34), 10))
+      _gray_image(2 * SIZE), _bump(), _disk((30, 34), 10), _disk((30, 34), 10)
+    )
     assert picture.shape[1] == 6 * SIZE + 2 * visualize.PANEL_GAP
 
   def test_text_line_is_drawn(self):
     quiet = visualize.overlay_picture(_gray_image(), _bump())
-    loud = visualize.overlay_picture(_gray_image(), _bump(), score=0.9,
-                                     label="NG", threshold=0.5, title="x" * 500)
+    loud = visualize.overlay_picture(
+      _gray_image(), _bump(), score=0.9, label="NG", threshold=0.5, title="x" * 500
+    )
     assert quiet.shape == loud.shape
     band = loud[SIZE:]
     assert np.any(band < 128)  # Some dark text pixels.
@@ -154,7 +156,6 @@ def test_save_picture_creates_directories(tmp_path):
 
 
 class TestPictureGrid:
-
   def test_layout(self):
     pictures = [np.full((10, 20, 3), i, np.uint8) for i in range(5)]
     grid = visualize.picture_grid(pictures, max_columns=2)
@@ -162,14 +163,14 @@ class TestPictureGrid:
     assert grid.dtype == np.uint8
     assert grid.shape == (3 * 10 + 2 * gap, 2 * 20 + gap, 3)
     assert np.all(grid[:10, :20] == 0)
-    assert np.all(grid[:10, 20 + gap:] == 1)
-    assert np.all(grid[2 * (10 + gap):, :20] == 4)
-    assert np.all(grid[2 * (10 + gap):, 20 + gap:] == visualize.BACKGROUND)
+    assert np.all(grid[:10, 20 + gap :] == 1)
+    assert np.all(grid[2 * (10 + gap) :, :20] == 4)
+    assert np.all(grid[2 * (10 + gap) :, 20 + gap :] == visualize.BACKGROUND)
 
   def test_mixed_sizes(self):
     grid = visualize.picture_grid(
-        [np.zeros((10, 20, 3), np.uint8), np.zeros((15, 5, 3), np.uint8)],
-        max_columns=4)
+      [np.zeros((10, 20, 3), np.uint8), np.zeros((15, 5, 3), np.uint8)], max_columns=4
+    )
     assert grid.shape == (15, 2 * 20 + visualize.PANEL_GAP, 3)
 
   def test_empty(self):

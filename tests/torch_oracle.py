@@ -41,16 +41,19 @@ def import_torch() -> tuple[ModuleType | None, ModuleType | None, str]:
   if _cache is not None:
     return _cache
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError as e:
     _cache = (None, None, f"torch is not installed ({e}); pip install torch==2.13.0")
     return _cache
   try:
     _register_torchvision_ops(torch)
-    import torchvision  # pylint: disable=g-import-not-at-top
-  except Exception as e:  # pylint: disable=broad-except
-    _cache = (None, None, f"torchvision is unusable ({type(e).__name__}: {e}); "
-              "pip install torchvision==0.28.0")
+    import torchvision
+  except Exception as e:
+    _cache = (
+      None,
+      None,
+      f"torchvision is unusable ({type(e).__name__}: {e}); pip install torchvision==0.28.0",
+    )
     return _cache
   _cache = (torch, torchvision, "")
   return _cache

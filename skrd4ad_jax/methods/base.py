@@ -12,7 +12,8 @@ A method is static configuration (hashable by identity) plus pure functions of a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import numpy as np
 
 from skrd4ad_jax import anomaly_map as amap
 from skrd4ad_jax import teachers
-from skrd4ad_jax.train import TrainState
+from skrd4ad_jax.training.train import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -48,10 +49,16 @@ class Method:
     m = config.anomaly_map
     # Checked here, so that a bad setting stops the run before training, not at
     # its first evaluation. (A stored config without `levels` maps every level.)
-    levels = amap.map_levels(m.mode, m.get("levels"),
-                             len(teachers.TEACHER_CHANNELS[config.model.teacher]))
-    self.map_kwargs = dict(mode=m.mode, sigma=float(m.sigma), truncate=float(m.truncate),
-                           blur_mode=m.blur_mode, levels=levels)
+    levels = amap.map_levels(
+      m.mode, m.get("levels"), len(teachers.get(config.model.teacher).channels)
+    )
+    self.map_kwargs = dict(
+      mode=m.mode,
+      sigma=float(m.sigma),
+      truncate=float(m.truncate),
+      blur_mode=m.blur_mode,
+      levels=levels,
+    )
 
   def teacher_features(self, teacher_vars: Any, images: jax.Array) -> list[jax.Array]:
     """[E1, E2, E3] of the frozen teacher (already under stop_gradient)."""
@@ -59,11 +66,12 @@ class Method:
 
   def feature_shapes(self, batch: int = 1) -> list[tuple[int, ...]]:
     s = self.image_size
-    chans = teachers.TEACHER_CHANNELS[self.config.model.teacher]
-    return [(batch, s // st, s // st, c) for st, c in zip((4, 8, 16), chans)]
+    spec = teachers.get(self.config.model.teacher)
+    return [(batch, s // st, s // st, c) for st, c in zip(teachers.STRIDES, spec.channels)]
 
-  def make_batch(self, images: np.ndarray, np_rng: np.random.Generator,
-                 category: str) -> dict[str, np.ndarray]:
+  def make_batch(
+    self, images: np.ndarray, np_rng: np.random.Generator, category: str
+  ) -> dict[str, np.ndarray]:
     del np_rng, category
     return {"image": images}
 
@@ -81,17 +89,20 @@ class Method:
   def init(self, rng: jax.Array, teacher_vars: Any) -> TrainState:
     raise NotImplementedError
 
-  def train_step(self, state: TrainState, teacher_vars: Any, batch: dict,
-                 rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(
+    self, state: TrainState, teacher_vars: Any, batch: dict, rng: jax.Array
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
     raise NotImplementedError
 
-  def features(self, state: TrainState, teacher_vars: Any, images: jax.Array,
-               rng: jax.Array) -> tuple[Sequence[jax.Array], Sequence[jax.Array]]:
+  def features(
+    self, state: TrainState, teacher_vars: Any, images: jax.Array, rng: jax.Array
+  ) -> tuple[Sequence[jax.Array], Sequence[jax.Array]]:
     """(reference features, reconstructed features) compared by the anomaly map."""
     raise NotImplementedError
 
-  def anomaly_maps(self, state: TrainState, teacher_vars: Any, images: jax.Array,
-                   rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def anomaly_maps(
+    self, state: TrainState, teacher_vars: Any, images: jax.Array, rng: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     t, s = self.features(state, teacher_vars, images, rng)
     maps = amap.anomaly_map(t, s, images.shape[1:3], **self.map_kwargs)
     return maps, amap.image_score(maps)

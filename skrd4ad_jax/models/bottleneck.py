@@ -14,14 +14,15 @@ and conv3 C2->C3, as in the official code for every ResNet.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from skrd4ad_jax.models import layers
-from skrd4ad_jax.models.resnet import BasicBlock, Bottleneck
+from skrd4ad_jax.models.blocks import BasicBlock, Bottleneck
 
 
 class OCBE(nn.Module):
@@ -53,17 +54,29 @@ class OCBE(nn.Module):
       return nn.relu(layers.batch_norm(train, name=f"bn{idx}", dtype=self.dtype)(x))
 
     l1 = conv_bn_relu(conv_bn_relu(e1, c2, 1), c3, 2)  # [B, h3, w3, C3]
-    l2 = conv_bn_relu(e2, c3, 3)                        # [B, h3, w3, C3]
+    l2 = conv_bn_relu(e2, c3, 3)  # [B, h3, w3, C3]
     x = jnp.concatenate([l1, l2, e3.astype(l1.dtype)], axis=-1)  # [B, h3, w3, 3*C3]
 
     out_ch = 2 * c3
     for i in range(self.num_blocks):
       if self.block == "bottleneck":
         planes = out_ch // Bottleneck.expansion
-        x = Bottleneck(planes=planes, stride=2 if i == 0 else 1,
-                       width=planes * self.width_per_group // 64, downsample=i == 0,
-                       train=train, dtype=self.dtype, name=f"bn_layer_{i}")(x)
+        x = Bottleneck(
+          planes=planes,
+          stride=2 if i == 0 else 1,
+          width=planes * self.width_per_group // 64,
+          downsample=i == 0,
+          train=train,
+          dtype=self.dtype,
+          name=f"bn_layer_{i}",
+        )(x)
       else:
-        x = BasicBlock(planes=out_ch, stride=2 if i == 0 else 1, downsample=i == 0,
-                       train=train, dtype=self.dtype, name=f"bn_layer_{i}")(x)
+        x = BasicBlock(
+          planes=out_ch,
+          stride=2 if i == 0 else 1,
+          downsample=i == 0,
+          train=train,
+          dtype=self.dtype,
+          name=f"bn_layer_{i}",
+        )(x)
     return x  # z: [B, h3/2, w3/2, 2*C3]

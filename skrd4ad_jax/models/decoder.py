@@ -13,7 +13,8 @@ stage 3 takes ReLU(D2 + E2); the returned D1, D2 are the pre-addition outputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -100,21 +101,30 @@ class Decoder(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, z: jax.Array, teacher_features: Sequence[jax.Array] | None = None,
-               train: bool = False) -> list[jax.Array]:
+  def __call__(
+    self, z: jax.Array, teacher_features: Sequence[jax.Array] | None = None, train: bool = False
+  ) -> list[jax.Array]:
     def skip(stage, x):
       if not self.skip:
         return x
       # E3 (target of D1) feeds stage 2, E2 (target of D2) feeds stage 3.
       return nn.relu(x + teacher_features[len(self.channels) - stage].astype(x.dtype))
 
-    return decoder_stages(z, self.channels, self.block, self.blocks, self.width_per_group,
-                          train, self.dtype, skip)
+    return decoder_stages(
+      z, self.channels, self.block, self.blocks, self.width_per_group, train, self.dtype, skip
+    )
 
 
-def decoder_stages(z: jax.Array, channels: Sequence[int], block: str, blocks: Sequence[int],
-                   width_per_group: int, train: bool, dtype: Any,
-                   before_stage: Callable[[int, jax.Array], jax.Array]) -> list[jax.Array]:
+def decoder_stages(
+  z: jax.Array,
+  channels: Sequence[int],
+  block: str,
+  blocks: Sequence[int],
+  width_per_group: int,
+  train: bool,
+  dtype: Any,
+  before_stage: Callable[[int, jax.Array], jax.Array],
+) -> list[jax.Array]:
   """The ``de_resnet`` stage loop; call it inside a compact module's ``__call__``.
 
   Stage ``s`` (0, 1, 2) mirrors teacher level 3 - s; its blocks are named
@@ -133,8 +143,15 @@ def decoder_stages(z: jax.Array, channels: Sequence[int], block: str, blocks: Se
     width = planes * width_per_group // 64
     for i in range(blocks[stage]):
       # Block 0 up-samples (stride 2), so it always has the deconv shortcut.
-      x = block_cls(planes=planes, width=width, upsample=i == 0, shortcut=i == 0,
-                    train=train, expansion=expansion, dtype=dtype,
-                    name=f"layer{stage + 1}_{i}")(x)
+      x = block_cls(
+        planes=planes,
+        width=width,
+        upsample=i == 0,
+        shortcut=i == 0,
+        train=train,
+        expansion=expansion,
+        dtype=dtype,
+        name=f"layer{stage + 1}_{i}",
+      )(x)
     outputs.append(x)
   return outputs[::-1]

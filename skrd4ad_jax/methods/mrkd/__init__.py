@@ -1,0 +1,1 @@
+"""MRKD: method, FLM heads (``heads.py``) and image-level masking (``ilm.py``)."""
