@@ -1,4 +1,4 @@
-"""Trains and evaluates every category of a dataset config.
+"""Trains and evaluates every category of a dataset config (or only evaluates: --eval_only).
 
   python -m skrd4ad_jax.main --config=configs/demo.py
   python -m skrd4ad_jax.main --config=configs/mvtec.py:bottle,cable --workdir=runs/mvtec
@@ -33,6 +33,13 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (implies --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_bool(
+  "eval_only",
+  False,
+  "Evaluate what the workdir holds (trained, or imported with "
+  "skrd4ad_jax.import_checkpoint) on the config's data without training: results, "
+  "pictures, thresholds and TensorBoard scalars as at the end of a run.",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -73,7 +80,10 @@ def main(argv):
   )
   logging.info("workdir: %s", os.path.abspath(workdir))
   try:
-    trainer.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only)
+  except trainer.Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
   except (DatasetError, ValueError, OSError, FloatingPointError, RuntimeError) as e:
     # A clear message instead of a traceback; whatever was written stays.
     logging.error("%s: %s", type(e).__name__, e)
