@@ -90,9 +90,8 @@ def hold(workdir: str) -> Iterator[str]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
   except OSError as e:
     raise OSError(
-      e.errno,
       f"Cannot write to the workdir {workdir!r} ({e.strerror}). Choose another "
-      "directory with --workdir=DIR or fix its permissions.",
+      "directory with --workdir=DIR or fix its permissions."
     ) from e
   try:
     try:
