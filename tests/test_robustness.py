@@ -253,14 +253,21 @@ def test_unknown_category_after_the_colon_is_a_config_error():
       ["--config.train.epoch=3"],
       ["error: Unknown config key --config.train.epoch. Did you mean --config.train.epochs?"],
     ),
-    (["--config.train.batch_size=0"], ["error: config.train.batch_size=0 must be >= 1."]),
-    (["--config.data.image_size=30"], ["error: config.data.image_size=30 must be a positive"]),
-    (["--config.data.image_size=257"], ["error: config.data.image_size=257 must be"]),
-    (["--config.train.epochs=0"], ["error: config.train.epochs=0 trains nothing"]),
     (
-      ["--config.train.batch_size=-1", "--config.eval.batch_size=0"],
-      ["error: config.train.batch_size=-1 must be >= 1.", "error: config.eval.batch_size=0"],
+      [
+        "--config.train.batch_size=0",
+        "--config.train.epochs=0",
+        "--config.data.image_size=257",
+        "--config.eval.batch_size=0",
+      ],
+      [
+        "error: config.train.batch_size=0 must be >= 1.",
+        "error: config.train.epochs=0 trains nothing",
+        "error: config.data.image_size=257 must be a positive multiple of 32",
+        "error: config.eval.batch_size=0 must be >= 1.",
+      ],
     ),
+    (["--config.data.image_size=30"], ["error: config.data.image_size=30 must be a positive"]),
   ],
 )
 def test_main_prints_one_line_per_config_problem(tmp_path, args, expected):
