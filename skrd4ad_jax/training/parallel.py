@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from skrd4ad_jax.config.validation import ConfigError
 from skrd4ad_jax.training import train
 
 CATEGORY_AXIS = "category"
@@ -51,18 +52,20 @@ def make_mesh(
   devices = list(devices if devices is not None else jax.devices())
   data = max(1, int(data_axis_size))
   if len(devices) % data:
-    raise ValueError(
-      f"config.parallel.data_axis_size={data} does not divide the {len(devices)} devices."
+    raise ConfigError(
+      [f"config.parallel.data_axis_size={data} does not divide the {len(devices)} devices."]
     )
   multi = len({d.process_index for d in devices}) > 1
   if multi:
     # Process-major order, so that a mesh row never straddles two processes.
     devices.sort(key=lambda d: (d.process_index, d.id))
     if jax.local_device_count() % data:
-      raise ValueError(
-        f"config.parallel.data_axis_size={data} must divide the "
-        f"{jax.local_device_count()} devices of each process: a category's "
-        "batch is never split across processes."
+      raise ConfigError(
+        [
+          f"config.parallel.data_axis_size={data} must divide the "
+          f"{jax.local_device_count()} devices of each process: a category's "
+          "batch is never split across processes."
+        ]
       )
   cat = len(devices) // data if multi else max(1, min(num_jobs, len(devices) // data))
   grid = np.asarray(devices[: cat * data], dtype=object).reshape(cat, data)
@@ -99,13 +102,16 @@ def resolve_category_loop(loop: str, mesh: Mesh) -> str:
   """'auto' -> 'unroll' on CPU (XLA:CPU runs vmapped, batched-weight convolutions
   as slow grouped convolutions), 'vmap' elsewhere."""
   if loop not in CATEGORY_LOOPS:
-    raise ValueError(f"config.parallel.category_loop={loop!r}; choose one of {CATEGORY_LOOPS}.")
+    raise ConfigError([f"config.parallel.category_loop={loop!r}; choose one of {CATEGORY_LOOPS}."])
   if loop == "auto":
     loop = "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
   if loop == "unroll" and mesh.shape[DATA_AXIS] > 1:
-    raise ValueError(
-      "config.parallel.category_loop='unroll' needs "
-      "config.parallel.data_axis_size=1; use 'vmap' to split batches."
+    raise ConfigError(
+      [
+        "config.parallel.category_loop='unroll' needs config.parallel.data_axis_size=1 "
+        "(on CPU 'auto' is 'unroll'); use --config.parallel.category_loop=vmap to split "
+        "batches."
+      ]
     )
   return loop
 

@@ -348,6 +348,7 @@ class Trainer:
             "one (--config=...:a,b)."
           )
         continue
+      checkpoints.check_model(manager, int(meta["step"]), self.config)
       job.has_checkpoint = True
       job.step = int(meta["step"])
       job.train_seconds = float(meta.get("train_seconds", 0.0))
@@ -618,7 +619,7 @@ class Trainer:
     target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), self.abstract_state
     )
-    restored = checkpoints.restore(self.manager(job, owner), target)
+    restored = checkpoints.restore(self.manager(job, owner), target, config=self.config)
     if restored is None:
       return None
     state, meta = restored
