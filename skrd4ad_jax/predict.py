@@ -55,7 +55,7 @@ from skrd4ad_jax import methods, teachers
 from skrd4ad_jax.data import folder
 from skrd4ad_jax.evaluation import thresholds as thresholds_lib
 from skrd4ad_jax.evaluation import visualize
-from skrd4ad_jax.training import checkpoints, train
+from skrd4ad_jax.training import checkpoints, schedule, train
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_score_raw", "pred_label")
 MASK_DIR = "masks"
@@ -169,6 +169,31 @@ def resolve_category(workdir: str, category: str | None) -> str:
       "choose one with --category=NAME."
     )
   return found[0]
+
+
+def resolve_job(workdir: str, category: str | None, seed: int = 0) -> str:
+  """The job (folder) of ``category``'s seed ``seed``: the category, or ``<category>/seed_<k>``.
+
+  Raises:
+    PredictError: as ``resolve_category``, or a seed that was not trained.
+  """
+  category = resolve_category(workdir, category)
+  if not seed:
+    return category
+  job = schedule.job_name(category, int(seed))
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  manager = checkpoints.make_manager(workdir, job, read_only=True)
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir, job)) or manager.latest_step() is None:
+    trained = sorted(
+      int(d[len("seed_") :])
+      for d in os.listdir(os.path.join(workdir, category))
+      if d.startswith("seed_") and d[len("seed_") :].isdigit()
+    )
+    raise PredictError(
+      f"Seed {seed} of {category!r} was not trained in {workdir}; seeds there: "
+      f"{', '.join(map(str, [0] + trained))} (config.train.seeds of the run)."
+    )
+  return job
 
 
 def stored_thresholds(meta: dict[str, Any]) -> dict[str, Any]:
@@ -299,10 +324,14 @@ class Predictor:
     image_size: side of the network input.
   """
 
-  def __init__(self, workdir: str, category: str | None = None):
-    """Restores the latest checkpoint of ``category`` (see ``resolve_category``)."""
+  def __init__(self, workdir: str, category: str | None = None, seed: int = 0):
+    """Restores the latest checkpoint of ``category``'s seed ``seed`` (``resolve_job``).
+
+    ``self.category`` is then the job's name: the category for seed 0,
+    ``<category>/seed_<k>`` otherwise.
+    """
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.category = resolve_category(self.workdir, category)
+    self.category = resolve_job(self.workdir, category, seed)
     manager = checkpoints.make_manager(self.workdir, self.category, read_only=True)
     # An unreadable latest checkpoint is reported (once) and the newest readable one used.
     reported = set()
@@ -351,10 +380,10 @@ class Predictor:
       self.config.model.teacher,
       self.config.model.teacher_weights,
       image_size=int(self.config.data.image_size),
-      seed=int(self.config.seed),
     )
-    # The trainer evaluates with this key; the same key gives the same scores.
-    self.rng = jax.random.PRNGKey(int(self.config.seed))
+    # The trainer evaluates a job with its own seed's key; the same key gives the
+    # same scores (MRKD's test-time masks draw from it).
+    self.rng = jax.random.PRNGKey(int(meta.get("seed", self.config.seed)))
 
   def _set_thresholds(self, thresholds: dict[str, Any] | None, where: str) -> None:
     self.thresholds = stored_thresholds({"thresholds": thresholds})
@@ -645,6 +674,9 @@ def define_flags() -> None:
   """The command-line flags (defined on demand: ``main.py`` also has --workdir)."""
   flags.DEFINE_string("workdir", None, "Training run directory (the --workdir of main).")
   flags.DEFINE_string("category", None, "Category to use; optional when the run has one.")
+  flags.DEFINE_integer(
+    "seed", 0, "Which seed's model (and stored thresholds) of a multi-seed run (0 = the first)."
+  )
   flags.DEFINE_string(
     "input",
     None,
@@ -682,6 +714,7 @@ def run(
   save_masks: bool = False,
   batch_size: int | None = None,
   log=print,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """The command line's work: resolve, restore, predict, write; see module doc.
 
@@ -690,8 +723,9 @@ def run(
       category, no image at ``input_path``, every image unreadable).
   """
   category = resolve_category(workdir, category)  # Fails before any image listing.
+  resolve_job(workdir, category, seed)
   paths = input_images(input_path, output)
-  predictor = Predictor(workdir, category)
+  predictor = Predictor(workdir, category, seed)
   log(f"[{predictor.category}] checkpoint step {predictor.step}; {predictor.describe_thresholds()}")
   log(f"[{predictor.category}] predicting {len(paths)} image(s) into {output}")
   summary = write_predictions(predictor, paths, output, batch_size or None, save_masks, log)
@@ -721,6 +755,7 @@ def main(argv):
       FLAGS.save_masks,
       FLAGS.batch_size,
       log=lambda s: print(s, flush=True),
+      seed=FLAGS.seed,
     )
   except (folder.DatasetError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
