@@ -43,7 +43,7 @@ from skrd4ad_jax.export.spec import ExportError
 
 PARITY_RTOL = 1e-4  # max |exported - JAX| / max |JAX| accepted by the export's own check
 DEFAULT_PLATFORMS = ("cpu", "cuda")
-VERIFY_IMAGES = 3
+VERIFY_IMAGES = 8
 
 
 def category_name(category: str, seed: int) -> str:
@@ -235,9 +235,14 @@ def write_onnx(fn: ExportedFunction, output: str) -> str:
     )
   batch = _symbolic_batch()
   names = fn.output_names
-  model = onnx_converter.convert(
+
+  def outputs(*inputs):
     # The weights are closed over: the converter stores them as initializers.
-    lambda *inputs: tuple(fn._full(fn._leaves, *inputs)[k] for k in names),
+    out = fn._full(fn._leaves, *inputs)
+    return tuple(out[k] for k in names)
+
+  model = onnx_converter.convert(
+    outputs,
     fn.input_specs(batch),
     names,
     batch_dim=batch,
@@ -286,13 +291,18 @@ def write_saved_model(fn: ExportedFunction, output: str, platforms: Sequence[str
 
 
 def verification_images(image_size: int, count: int = VERIFY_IMAGES) -> np.ndarray:
-  """Deterministic uint8 test images [count, S, S, 3]: noise, a gradient, a flat grey."""
+  """Deterministic uint8 test images [count, S, S, 3]: noise, gradients, flat greys."""
   rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)]
   ramp = np.linspace(0, 255, image_size, dtype=np.float32)
-  images.append(np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8))
-  images.append(np.full((image_size, image_size, 3), 128, np.uint8))
-  return np.stack(images[:count])
+  images = []
+  for i in range(count):
+    if i % 3 == 0:
+      images.append(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
+    elif i % 3 == 1:
+      images.append(np.stack([np.add.outer(ramp, ramp[::-1] * (i % 5) / 4) / 2] * 3, -1))
+    else:
+      images.append(np.full((image_size, image_size, 3), 40 * i % 256, np.float32))
+  return np.stack(images).astype(np.uint8)
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -307,8 +317,10 @@ def verify(model_dir: str, fn: ExportedFunction, log=print) -> dict[str, float]:
   """Runs the written model (its own runtime) against JAX; raises if they disagree."""
   from skrd4ad_jax.export import run as runner
 
-  images = verification_images(fn.image_size)
   p = fn.predictor
+  # The evaluation's batch size (up to VERIFY_IMAGES): predict's compiled step is reused.
+  count = min(VERIFY_IMAGES, int(p.config.eval.batch_size))
+  images = verification_images(fn.image_size, count)
   maps, scores = p._eval_step(p.state, p.teacher_vars, normalize_images(images), p.rng)
   model = runner.load_model(model_dir)
   out = model.run(images)

@@ -239,10 +239,8 @@ class _Converter:
         return self.run(sub, (), inputs)
     static_out = all(all(self.static(d) for d in getattr(v.aval, "shape", ())) for v in eqn.outvars)
     if static_out and all(isinstance(x, np.ndarray) for x in inputs):
-      # Input-independent: evaluated here by JAX itself, stored as a constant.
-      values = eqn.primitive.bind(*inputs, **eqn.params)
-      values = values if eqn.primitive.multiple_results else [values]
-      return [np.asarray(v) for v in values]
+      # Input-independent: evaluated here, stored as a constant.
+      return self.fold(eqn, inputs)
     if name in _PASS_THROUGH:
       return inputs
     handler = getattr(self, f"_{name}", None)
@@ -259,6 +257,41 @@ class _Converter:
       )
     result = handler(eqn, inputs)
     return result if isinstance(result, list) else [result]
+
+  def fold(self, eqn, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Evaluates an input-independent equation.
+
+    Moves of data and correctly rounded IEEE arithmetic (+ - * /) in numpy give
+    XLA's bits without compiling one XLA program per equation; anything else
+    (rsqrt, exp...) is evaluated by JAX itself.
+    """
+    name, p = eqn.primitive.name, eqn.params
+    dtype = np.dtype(eqn.outvars[0].aval.dtype)
+    x = inputs[0] if inputs else None
+    value = None
+    if name == "broadcast_in_dim":
+      shape = [1] * len(p["shape"])
+      for axis, d in zip(p["broadcast_dimensions"], x.shape):
+        shape[axis] = d
+      value = np.broadcast_to(x.reshape(shape), p["shape"])
+    elif name == "reshape" and p.get("dimensions") is None:
+      value = x.reshape(p["new_sizes"])
+    elif name == "transpose":
+      value = np.transpose(x, p["permutation"])
+    elif name == "squeeze":
+      value = np.squeeze(x, axis=tuple(p["dimensions"]))
+    elif name == "convert_element_type" and np.dtype(p["new_dtype"]) == x.dtype:
+      value = x
+    elif name in _PASS_THROUGH:
+      value = x
+    elif name in ("add", "sub", "mul", "div") and dtype.kind == "f":
+      a, b = (np.asarray(v, dtype) for v in inputs)
+      value = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[name](a, b)
+    if value is not None and value.shape == tuple(eqn.outvars[0].aval.shape):
+      return [np.array(value, dtype=dtype)]  # (ascontiguousarray makes 0-d arrays 1-d)
+    values = eqn.primitive.bind(*inputs, **p)
+    values = values if eqn.primitive.multiple_results else [values]
+    return [np.asarray(v) for v in values]
 
   # -- elementwise --------------------------------------------------------------
 
