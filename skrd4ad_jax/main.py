@@ -1,4 +1,4 @@
-"""Trains and evaluates every category of a dataset config.
+"""Trains and evaluates every category of a dataset config (or only evaluates: --eval_only).
 
   python -m skrd4ad_jax.main --config=configs/demo.py
   python -m skrd4ad_jax.main --config=configs/mvtec.py:bottle,cable --workdir=runs/mvtec
@@ -11,13 +11,24 @@ checkpoints and heat-map pictures per category, and ``results.csv`` /
 Several processes (TPU pod, multi-node GPU) run the same command with
 ``--distributed`` (auto-detected cluster) or ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I``; see the README.
+
+Mistakes the user can fix (an unknown ``--config.x`` key, a config value out
+of range, bad data, a workdir in use, an unreadable checkpoint of another
+model) end in one ``error: ...`` line each and exit status 1; the config is
+checked before TensorFlow is imported, so such a run stops within seconds. Any
+other exception keeps its traceback: it is a bug.
 """
 
+from collections.abc import Sequence
+import contextlib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from skrd4ad_jax.config import validation
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +44,93 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (implies --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_bool(
+  "eval_only",
+  False,
+  "Evaluate what the workdir holds (trained, or imported with "
+  "skrd4ad_jax.import_checkpoint) on the config's data without training: results, "
+  "pictures, thresholds and TensorBoard scalars as at the end of a run.",
+)
 flags.mark_flags_as_required(["config"])
+
+_CONFIG_FLAG = re.compile(r"^--?config(?:=(.*))?$")
+_OVERRIDE_FLAG = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=.*)?$")
+
+
+def fail(problems: Sequence[str]) -> None:
+  """One ``error:`` line per problem on stderr, then exit status 1."""
+  for problem in problems:
+    print(f"error: {problem}", file=sys.stderr)
+  sys.exit(1)
+
+
+def config_arguments(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+  """(the ``--config`` value, the dotted keys of the ``--config.x.y`` overrides)."""
+  spec, overrides = None, []
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
+    m = _CONFIG_FLAG.match(arg)
+    if m:
+      spec = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+      continue
+    m = _OVERRIDE_FLAG.match(arg)
+    if m:
+      overrides.append(m.group(1))
+  return spec, overrides
+
+
+def command_line_problems(argv: Sequence[str]) -> list[str]:
+  """What in ``--config`` and ``--config.x.y=...`` cannot work, before absl parses them.
+
+  ml_collections reports a missing config file only when the config is first
+  read, and an unknown override key or a ``get_config`` argument error as a
+  chain of tracebacks; these are checked here, with the config file itself.
+
+  Raises:
+    ConfigError: from the config file's ``get_config`` (e.g. an unknown category
+      after the ``:``).
+  """
+  from skrd4ad_jax.config import load_config
+
+  spec, overrides = config_arguments(argv)
+  if not spec:
+    return []  # absl says that --config is required.
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    here = os.path.join(os.path.dirname(path) or ".", "")
+    choices = (
+      sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+    )
+    hint = f" Config files in {here}: {', '.join(choices)}." if choices else ""
+    return [
+      f"Config file not found: {path} (--config={spec}). Pass the path of a config "
+      f"file, e.g. --config=configs/mvtec.py.{hint}"
+    ]
+  config = load_config(spec)
+  known = list(validation.flat_keys(config))
+  problems = []
+  for key in overrides:
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node:
+        siblings = list(node.keys()) if hasattr(node, "keys") else []
+        unknown = ".".join(parts[: depth + 1])
+        problems.append(validation.unknown_key_problem(unknown, known, siblings, "--config."))
+        break
+      node = node[part]
+  return problems
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, after the config file and override keys are checked."""
+  try:
+    problems = command_line_problems(argv)
+  except validation.ConfigError as e:  # e.g. configs/mvtec.py:unknown_category
+    problems = e.problems
+  if problems:
+    fail(problems)
+  return app.parse_flags_with_usage(argv)
 
 
 def initialize_distributed() -> None:
@@ -50,9 +147,61 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
 
 
+def distributed_requested() -> bool:
+  return FLAGS.distributed or any(
+    v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  )
+
+
+@contextlib.contextmanager
+def workdir_held(workdir: str):
+  """Process 0 holds the workdir; with several processes all of them stop if it cannot."""
+  import jax
+
+  from skrd4ad_jax.training import workdir_lock
+
+  if jax.process_count() == 1:
+    with workdir_lock.hold(workdir):
+      yield
+    return
+  from jax.experimental import multihost_utils
+  import numpy as np
+
+  with contextlib.ExitStack() as stack:
+    message = ""
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock.hold(workdir))
+      except (workdir_lock.WorkdirInUseError, OSError) as e:
+        message = str(e)
+    stopped = multihost_utils.broadcast_one_to_all(np.int32(bool(message)))
+    if int(stopped):
+      raise workdir_lock.WorkdirInUseError(
+        message or f"Process 0 could not take the workdir {workdir}; see its error."
+      )
+    yield
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  config = FLAGS.config
+  from skrd4ad_jax.training import workdir_lock
+
+  workdir = FLAGS.workdir or os.path.join("runs", config.name)
+  with contextlib.ExitStack() as stack:
+    try:
+      validation.validate(config)  # Seconds, before TensorFlow and any data are read.
+      if not distributed_requested():
+        # One process: a second run on this workdir stops here, before any import.
+        stack.enter_context(workdir_lock.hold(workdir))
+    except (validation.ConfigError, workdir_lock.WorkdirInUseError, OSError) as e:
+      fail(getattr(e, "problems", None) or [str(e)])
+    train(config, workdir)
+
+
+def train(config, workdir: str) -> None:
+  """Trains under the workdir lock; a user's mistake ends in one line per problem."""
   # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
   import tensorflow as tf
 
@@ -61,25 +210,36 @@ def main(argv):
   import jax
 
   from skrd4ad_jax.data.folder import DatasetError
-  from skrd4ad_jax.training import trainer
+  from skrd4ad_jax.training import checkpoints, trainer, workdir_lock
 
+  # The user's to fix: one line each. Anything else is a bug and keeps its traceback.
+  user_errors = (
+    validation.ConfigError,
+    DatasetError,
+    checkpoints.CheckpointError,
+    workdir_lock.WorkdirInUseError,
+    FloatingPointError,  # a NaN loss
+    OSError,  # an unwritable workdir, a missing weights file, a full disk
+    RuntimeError,  # the trainer's "Training failed for <category>: ..." summary
+  )
   if not FLAGS["verbosity"].present:
     # orbax logs every checkpoint step at INFO; keep the console for progress.
     logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname)
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join("runs", config.name)
   logging.info(
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
   logging.info("workdir: %s", os.path.abspath(workdir))
   try:
-    trainer.train_and_evaluate(config, workdir)
-  except (DatasetError, ValueError, OSError, FloatingPointError, RuntimeError) as e:
+    with workdir_held(workdir):  # (already held by the one process; a no-op then)
+      trainer.train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only)
+  except trainer.Preempted as e:
+    # Checkpoints are written; the exit status says which signal stopped the run.
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+  except user_errors as e:
     # A clear message instead of a traceback; whatever was written stays.
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    fail(getattr(e, "problems", None) or [str(e)])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -3,9 +3,10 @@
   python -m skrd4ad_jax.predict --workdir=runs/tiny --category=brick \
       --input=new_images/ --output=predictions/ [--save_masks] [--batch_size=8]
 
-``--input`` is an image file, a folder (its images, not sub-folders) or a glob
-(``'lot_42/**/*.png'``, quoted). ``--category`` may be left out when the run
-trained a single category.
+``--input`` is an image file, a folder (searched recursively: a ``test/`` folder
+with one sub-folder per defect works; ``--output`` is skipped if it lies inside)
+or a glob (``'lot_42/*.png'``, ``'lot_42/**/*.png'``, quoted). ``--category`` may
+be left out when the run trained a single category.
 
 The latest checkpoint of the category carries everything needed: the config
 (the method is rebuilt from it), the thresholds and the score normalisation
@@ -256,11 +257,44 @@ class Predictor(ThresholdedPredictor):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.category = resolve_category(self.workdir, category)
     manager = checkpoints.make_manager(self.workdir, self.category, read_only=True)
-    self.step = manager.latest_step()
-    meta = checkpoints.restore_meta(manager, self.step)
-    if not meta or "config" not in meta:
+    # An unreadable latest checkpoint is reported (once) and the newest readable one used.
+    reported = set()
+
+    def report(message: str) -> None:
+      if message not in reported:
+        reported.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    none_readable = PredictError(
+      f"No readable checkpoint of {self.category!r} in {self.workdir} (see the warnings "
+      "above). Train it again with python -m skrd4ad_jax.main."
+    )
+    meta = checkpoints.restore_meta(manager, report=report)
+    if meta is None:
+      raise none_readable
+    self._build(meta)
+    abstract = jax.eval_shape(self.method.init, self.rng, self.teacher_vars)
+    restored = checkpoints.restore(manager, abstract, report=report)
+    if restored is None:
+      raise none_readable
+    if restored[1].get("config") != meta.get("config"):
+      # The state comes from an older step than the JSON item read first (the newer
+      # one's arrays are damaged): that step's own config builds the method.
+      self._build(restored[1])
+      abstract = jax.eval_shape(self.method.init, self.rng, self.teacher_vars)
+      restored = checkpoints.restore(manager, abstract, step=restored[1]["step"], report=report)
+    self.state, self.meta = restored
+    self.step = int(self.meta["step"])
+    self._eval_step = train.jitted_eval_step(self.method)
+    self._set_thresholds(
+      self.meta.get("thresholds"), f"checkpoint of {self.category!r} at step {self.step}"
+    )
+
+  def _build(self, meta: dict[str, Any]) -> None:
+    """The method, teacher and key of the config stored in a checkpoint's JSON item."""
+    if "config" not in meta:
       raise PredictError(
-        f"The checkpoint of {self.category!r} at step {self.step} in "
+        f"The checkpoint of {self.category!r} at step {meta.get('step')} in "
         f"{self.workdir} has no config in its JSON item."
       )
     self.config = ml_collections.ConfigDict(meta["config"])
@@ -274,12 +308,6 @@ class Predictor(ThresholdedPredictor):
     )
     # The trainer evaluates with this key; the same key gives the same scores.
     self.rng = jax.random.PRNGKey(int(self.config.seed))
-    abstract = jax.eval_shape(self.method.init, self.rng, self.teacher_vars)
-    self.state, self.meta = checkpoints.restore(manager, abstract, self.step)
-    self._eval_step = train.jitted_eval_step(self.method)
-    self._set_thresholds(
-      self.meta.get("thresholds"), f"checkpoint of {self.category!r} at step {self.step}"
-    )
 
   def predict(self, paths: Sequence[str], batch_size: int | None = None) -> Iterator[ImageResult]:
     """Predicts ``paths`` in order, streamed in batches.
@@ -341,11 +369,33 @@ def define_flags() -> None:
   """The command-line flags (defined on demand: ``main.py`` also has --workdir)."""
   flags.DEFINE_string("workdir", None, "Training run directory (the --workdir of main).")
   flags.DEFINE_string("category", None, "Category to use; optional when the run has one.")
-  flags.DEFINE_string("input", None, "An image file, a folder of images, or a glob pattern.")
+  flags.DEFINE_string(
+    "input",
+    None,
+    "An image file, a folder (searched recursively, sub-folders included), or a glob "
+    "pattern in quotes ('lot/*.png', 'lot/**/*.png').",
+  )
   flags.DEFINE_string("output", None, "Directory for pictures, predictions.csv and masks.")
   flags.DEFINE_bool("save_masks", False, "Also write masks/<stem>.png (255 = defect).")
   flags.DEFINE_integer("batch_size", 0, "Images per batch; 0 = the run's config.eval.batch_size.")
   flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def input_images(input_path: str | Iterable[str], output: str) -> list[str]:
+  """The images of ``--input``: folders searched recursively, minus ``output``'s own files.
+
+  Raises:
+    DatasetError: nothing to predict at ``input_path``.
+  """
+  paths = folder.list_images(input_path, recursive=True)
+  # A second run must not predict the pictures the first one wrote into the input.
+  out = os.path.join(os.path.abspath(output), "")
+  kept = [p for p in paths if not os.path.abspath(p).startswith(out)]
+  if not kept:
+    raise folder.DatasetError(
+      f"No image found at {input_path!r} outside the --output folder {output}."
+    )
+  return kept
 
 
 def run(
@@ -364,7 +414,7 @@ def run(
       category, no image at ``input_path``, every image unreadable).
   """
   category = resolve_category(workdir, category)  # Fails before any image listing.
-  paths = folder.list_images(input_path)
+  paths = input_images(input_path, output)
   predictor = Predictor(workdir, category)
   log(f"[{predictor.category}] checkpoint step {predictor.step}; {predictor.describe_thresholds()}")
   log(f"[{predictor.category}] predicting {len(paths)} image(s) into {output}")

@@ -227,42 +227,55 @@ def _ids(batch):
   return [int(round(v / 10)) for v in value]
 
 
+class _Images:
+  """A method stub: the training batch is the images themselves."""
+
+  @staticmethod
+  def make_batch(images, np_rng, category):
+    del np_rng, category
+    return {"image": images}
+
+
+def _job(data, batch_size, seed):
+  from skrd4ad_jax.training import batches
+
+  return batches.JobInput("cat", "cat", seed, batch_size, _Images(), images=data.train_images)
+
+
 def test_train_batches_full_deterministic_reshuffled(tmp_path):
   make_tree(str(tmp_path), num_train=6)
   data = input_pipeline.make_category_data(data_config(str(tmp_path)), "cat")
   assert (data.num_train, data.num_val, data.num_test) == (6, 0, 6)
-  it = data.train_batches(batch_size=3, seed=1)
-  batches = [next(it) for _ in range(8)]
+  job = _job(data, 3, seed=1)
+  batches = [job.batch(t)["image"] for t in range(8)]
   assert all(b.shape == (3, SIZE, SIZE, 3) and b.dtype == np.float32 for b in batches)
   ids = [_ids(b) for b in batches]
   epochs = [ids[2 * e] + ids[2 * e + 1] for e in range(4)]
   assert all(sorted(e) == list(range(6)) for e in epochs)
   assert len({tuple(e) for e in epochs}) > 1  # Reshuffled each epoch.
+  # A pure function of (seed, step): another data object, steps asked out of order.
   again = input_pipeline.make_category_data(data_config(str(tmp_path)), "cat")
-  it2 = again.train_batches(batch_size=3, seed=1)
-  assert [_ids(next(it2)) for _ in range(8)] == ids
-  it3 = data.train_batches(batch_size=3, seed=2)
-  assert [_ids(next(it3)) for _ in range(8)] != ids
+  job2 = _job(again, 3, seed=1)
+  assert [_ids(job2.batch(t)["image"]) for t in reversed(range(8))] == ids[::-1]
+  assert [_ids(_job(data, 3, seed=2).batch(t)["image"]) for t in range(8)] != ids
 
 
 def test_train_batches_always_full(tmp_path):
   make_tree(str(tmp_path), num_train=5)
   data = input_pipeline.make_category_data(data_config(str(tmp_path)), "cat")
-  it = data.train_batches(batch_size=4, seed=0)
-  ids = sum((_ids(next(it)) for _ in range(5)), [])  # 20 = 4 epochs.
+  job = _job(data, 4, seed=0)
+  ids = sum((_ids(job.batch(t)["image"]) for t in range(5)), [])  # 20 = 4 epochs.
   assert all(sorted(ids[5 * e : 5 * e + 5]) == list(range(5)) for e in range(4))
-  big = data.train_batches(batch_size=12, seed=0)
-  assert next(big).shape == (12, SIZE, SIZE, 3)
+  assert _job(data, 12, seed=0).batch(0)["image"].shape == (12, SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_eval_covers_every_image_with_padding(tmp_path, cache):
+def test_eval_covers_every_image_with_padding(tmp_path):
   make_tree(str(tmp_path))
-  cfg = data_config(str(tmp_path), val_fraction=0.3, cache=cache)
+  cfg = data_config(str(tmp_path), val_fraction=0.3)
   data = input_pipeline.make_category_data(cfg, "cat")
   splits = folder.scan_category(str(tmp_path), "cat", 0.3, 0)
   assert data.has_masks and (data.num_train, data.num_val) == (5, 2)
-  for _ in range(2):  # The second pass reads the cache.
+  for _ in range(2):  # The second pass reads the decoded images from memory.
     batches = list(data.eval_batches("test", batch_size=4))
     assert len(batches) == 2
     valid = np.concatenate([b["valid"] for b in batches])
@@ -299,18 +312,22 @@ def test_no_masks_gives_zero_masks(tmp_path):
   assert not list(data.eval_batches("val", batch_size=8))  # No hold-out.
 
 
-def test_runtime_decode_failure_names_the_file(tmp_path):
+def test_decode_failures_are_all_named_before_use(tmp_path):
   base = make_tree(str(tmp_path))
   data = input_pipeline.make_category_data(data_config(str(tmp_path)), "cat")
   bad = os.path.join(base, "test", "hole", "000.png")
   with open(bad, "wb") as f:
     f.write(b"\x89PNG broken")
-  with pytest.raises(folder.DatasetError, match=bad):
-    list(data.eval_batches("test", batch_size=2))
   bad_train = os.path.join(base, "train", "good", "003.png")
   os.remove(bad_train)
-  with pytest.raises(folder.DatasetError, match=bad_train):
-    next(data.train_batches(batch_size=2, seed=0))
+  with pytest.raises(folder.DatasetError) as info:
+    data.load()
+  message = str(info.value)
+  # Every bad file of every split in one message, with the split and the fix.
+  assert bad in message and bad_train in message and "2 file(s)" in message
+  assert "[test]" in message and "[train]" in message and "Fix:" in message
+  with pytest.raises(folder.DatasetError, match="cannot be read"):
+    list(data.eval_batches("val", batch_size=2))  # nothing half-loaded is used
 
 
 def test_demo_source_uses_demo_generator(tmp_path, monkeypatch):

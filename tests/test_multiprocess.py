@@ -2,10 +2,11 @@
 
 The main job runs once as a single process with 2 simulated CPU devices, and
 once as 2 processes (``jax.distributed`` on localhost, CPU collectives) with one
-device each. Both have the same global mesh (2 devices, 4 slots: brick and grass
-on the first device, gravel and a padded slot on the second), so each category
-must end with the same parameters and metrics. Each process must read and train
-only the categories on its own device. About 1.5 minutes on 2 CPU cores.
+device each. Both have the same global mesh (2 devices, one slot each) and the
+same plan: brick (12 steps) on slot 0, grass (9) cut in two, its first 7 steps on
+slot 1 (process 1) and its last 2 on slot 0 (process 0) after a collective
+pause checkpoint, gravel (6) on slot 1. Each job must end with the same
+parameters and metrics as in the single process. About 3 minutes on 2 CPU cores.
 """
 
 import csv
@@ -112,15 +113,21 @@ def test_two_processes_equal_one_process(data_root, tmp_path):
 
   multi = tmp_path / "multi"
   logs = _run_two_processes(multi, data_root, cache_dir)
-  # Two processes, one global mesh of 2 devices; each trains only its own categories.
-  for i, expected in enumerate(("brick, grass", "gravel")):
+  # Two processes, one global mesh of 2 devices, one slot each; grass moves from
+  # process 1's slot to process 0's half-way.
+  for i, expected in enumerate(("brick, grass", "grass, gravel")):
     assert f"JAX process {i}/2" in logs[i]
-    trains = re.search(r"process \d/2 trains (.*) \(slots (.*) of (\d+)\)", logs[i])
-    assert trains, logs[i][-3000:]
-    assert trains.group(1) == expected and trains.group(3) == "4", trains.group(0)
+    plan = re.search(
+      r"process \d/2: 3 job\(s\) on 2 slot\(s\).*this process: slots \[(\d)\], "
+      r"categories (.*)",
+      logs[i],
+    )
+    assert plan, logs[i][-3000:]
+    assert plan.group(1) == str(i) and plan.group(2) == expected, plan.group(0)
     others = set(CATEGORIES) - set(expected.split(", "))
-    # Progress and evaluation lines only of its own categories.
+    # Progress and evaluation lines only of the jobs its slot holds.
     assert not any(f"[{c}]" in logs[i] for c in others), logs[i][-3000:]
+  assert "[grass] slot 1: steps 0-7 of 9" in logs[1] and "[grass] slot 0: steps 7-9 of 9" in logs[0]
 
   # The same numbers as the single process: parameters, batch statistics, metrics.
   from skrd4ad_jax.training import checkpoints
@@ -140,17 +147,20 @@ def test_two_processes_equal_one_process(data_root, tmp_path):
     for m in tp.METRICS:
       assert abs(meta["metrics"][m] - ref_meta["metrics"][m]) <= tp.METRIC_ATOL, (c, m)
       assert float(rows[c][m]) == pytest.approx(float(ref_rows[c][m]), abs=tp.METRIC_ATOL)
-    # Everything a category leaves is written by its own process.
+    # Everything a job leaves is written by the process that finishes it.
     assert os.path.isfile(multi / c / "test_predictions.csv")
     assert glob.glob(str(multi / c / "events.out.tfevents.*"))
     # Periodic (every epoch; the last two kept) and final checkpoints, written collectively.
+    # (grass, paused at step 7 to move slots, keeps that checkpoint instead of 6's.)
     manager = checkpoints.make_manager(str(multi), c, read_only=True)
-    assert sorted(manager.all_steps()) == [steps - steps // EPOCHS, steps]
+    previous = 7 if c == "grass" else steps - steps // EPOCHS
+    assert sorted(manager.all_steps()) == [previous, steps]
 
   # Re-running the finished 2-process job restores every category (collectively) at
   # its final step and only evaluates again: same state, same metrics.
   logs = _run_two_processes(multi, data_root, cache_dir)
-  assert "resumed from step 12 of 12" in logs[0] and "resumed from step 6 of 6" in logs[1]
+  assert "[brick] checkpoint at step 12 of 12" in logs[0]
+  assert "[gravel] checkpoint at step 6 of 6" in logs[1]
   again = _results(multi)
   for c in CATEGORIES:
     state, meta = tp.restore_final(str(multi), c, config)

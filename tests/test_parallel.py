@@ -1,4 +1,4 @@
-"""Many categories in one program: equivalence, the category loops, resume.
+"""Many jobs in one program: equivalence, slots and queues, the category loops, resume.
 
 Multi-device checks run in subprocesses with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the device count is fixed
@@ -12,9 +12,10 @@ cores (equivalence ~1.8 min, the others ~30-40 s each; more when the cores are
 shared). The workers share one persistent XLA compilation cache: programs with
 the same HLO (the single-category runs, the resume runs) compile once.
 
-Note that ``parallel.make_mesh`` gives 3 categories on 4 devices a 3-device
-category axis (3 slots, no padding); padding is exercised with a 2-device mesh
-(4 slots, 2 categories per device) and, in the step test, a (2, 2) mesh.
+Note that ``parallel.make_mesh`` gives 3 jobs on 4 devices a 3-device category
+axis (3 slots, one job each). With 2 devices and one slot each the plan cuts a
+job in two (it continues in the other slot) and starts another mid-run in a
+freed slot; with 2 devices and 2 slots each, one slot has no job.
 """
 
 import csv
@@ -174,21 +175,30 @@ def _train_worker(spec):
   out = {
     "device_count": jax.device_count(),
     "mesh_3": dict(parallel.make_mesh(3).shape),
-    "slots_3": parallel.num_slots(3, parallel.make_mesh(3)),
     "runs": {},
   }
   make_mesh, make_step = parallel.make_mesh, parallel.make_parallel_train_step
-  for name, categories, devices in spec["runs"]:
+  make_trainer = trainer.Trainer
+  for name, categories, devices, slots_per_device in spec["runs"]:
     record = {}
     parallel.make_parallel_train_step = _counting_step_factory(record, make_step)
-    if devices:  # a smaller mesh: more categories per device, padded slots
+    if devices:  # a smaller mesh: a job continues or starts in a freed slot
       parallel.make_mesh = functools.partial(make_mesh, devices=jax.devices()[:devices])
+    config = tiny_config(
+      categories, spec["data_root"], **{"parallel.slots_per_device": slots_per_device}
+    )
+
+    def recording_trainer(*args, record=record, **kwargs):
+      t = make_trainer(*args, **kwargs)
+      record["plan"] = [[(g.job, g.start, g.stop, g.begin) for g in q] for q in t.plan]
+      return t
+
+    trainer.Trainer = recording_trainer
     try:
-      trainer.train_and_evaluate(
-        tiny_config(categories, spec["data_root"]), os.path.join(spec["base"], name)
-      )
+      trainer.train_and_evaluate(config, os.path.join(spec["base"], name))
     finally:
       parallel.make_mesh, parallel.make_parallel_train_step = make_mesh, make_step
+      trainer.Trainer = make_trainer
     out["runs"][name] = record
   return out
 
@@ -233,29 +243,30 @@ def _step_worker(spec):
   images = np.random.default_rng(0).normal(size=(steps, k, b, s, s, 3)).astype(np.float32)
   active = np.ones((steps, k), bool)
   active[-1, 1] = False  # category 1 sits out the last step: its state must not move
-  base_key = jax.random.PRNGKey(0)
+  keys = [np.asarray(jax.random.PRNGKey(100 + c)) for c in range(k)]  # each job its own
 
   single = train.jitted_train_step(method)
   reference, ref_after_1, ref_losses = [], [], np.zeros((steps, k))
   for c in range(k):
     state = states[c]
     for t in range(steps):
-      state, metrics = single(state, teacher_vars, {"image": images[t, c]}, base_key, active[t, c])
+      state, metrics = single(state, teacher_vars, {"image": images[t, c]}, keys[c], active[t, c])
       ref_losses[t, c] = float(metrics["loss"])
       if t == 0:
         ref_after_1.append(jax.device_get(state))
     reference.append(jax.device_get(state))
 
   devices = jax.devices()
-  variants = {
-    "unroll_3dev": ("unroll", parallel.make_mesh(k)),
-    "unroll_2dev_padded": ("unroll", parallel.make_mesh(k, devices=devices[:2])),
-    "vmap_2x2_data_axis": ("vmap", parallel.make_mesh(k, data_axis_size=2)),
+  variants = {  # (loop, mesh, slots per device)
+    "unroll_3dev": ("unroll", parallel.make_mesh(k), 1),
+    "unroll_2dev_padded": ("unroll", parallel.make_mesh(k, devices=devices[:2]), 2),
+    "vmap_2x2_data_axis": ("vmap", parallel.make_mesh(k, data_axis_size=2), 2),
   }
   out = {"device_count": len(devices), "variants": {}}
   finals = {}
-  for name, (loop, mesh) in variants.items():
-    slots = parallel.num_slots(k, mesh)
+  for name, (loop, mesh, per_device) in variants.items():
+    slots = parallel.num_slots(mesh, per_device)
+    rngs = np.stack(keys + [np.zeros(2, np.uint32)] * (slots - k))
     padded = states + [states[0]] * (slots - k)  # padding = a fresh state, as the trainer does
     stacked = parallel.put_stacked(parallel.stack(padded), mesh)
     step = parallel.make_parallel_train_step(method, mesh, loop)
@@ -266,9 +277,7 @@ def _step_worker(spec):
       batch[:k] = images[t]
       act = np.zeros(slots, bool)
       act[:k] = active[t]
-      stacked, metrics = step(
-        stacked, tv, parallel.put_batch({"image": batch}, mesh), base_key, act
-      )
+      stacked, metrics = step(stacked, tv, parallel.put_batch({"image": batch}, mesh), rngs, act)
       losses[t] = np.asarray(metrics["loss"])[:k]
       if t == 0:
         after_1 = jax.device_get(stacked)
@@ -282,7 +291,8 @@ def _step_worker(spec):
       "mesh": dict(mesh.shape),
       "slots": slots,
       "state_devices": len(leaf.sharding.device_set),
-      "loss_rel_diff": float(np.max(np.abs(losses - ref_losses) / np.abs(ref_losses))),
+      # Only active steps: 'unroll' skips an inactive slot's step (its metrics are zeros).
+      "loss_rel_diff": float(np.max((np.abs(losses - ref_losses) / np.abs(ref_losses))[active])),
       "params_after_1_step": [
         diff_stats(parallel.unstack(after_1, c).params, ref_after_1[c].params, states[c].params)
         for c in range(k)
@@ -432,30 +442,39 @@ def data_root(tmp_path_factory):
 
 
 def test_parallel_run_equals_categories_trained_alone(data_root, cache_dir, tmp_path):
-  """3 categories of different sizes on 4 devices = each alone."""
+  """3 jobs of different lengths, in slots of their own or queued, = each alone."""
   runs = [
-    ["parallel", list(CATEGORIES), 0],
-    # 2 devices: 2 categories per device and one padded slot.
-    ["parallel_padded", list(CATEGORIES), 2],
+    ["parallel", list(CATEGORIES), 0, 1],  # 3 devices, one job each
+    # 2 devices, one slot each: a job is cut in two (continued in the other slot)
+    # and another starts mid-run in a freed slot.
+    ["queued", list(CATEGORIES), 2, 1],
+    ["padded", list(CATEGORIES), 2, 2],  # 2 devices x 2 slots: one slot has no job
   ]
-  runs += [[f"alone_{c}", [c], 0] for c in CATEGORIES]
+  runs += [[f"alone_{c}", [c], 0, 1] for c in CATEGORIES]
   out = run_worker(
     "train", {"runs": runs, "data_root": data_root, "base": str(tmp_path)}, tmp_path, cache_dir
   )
   print(json.dumps(out, indent=1))
 
-  # The category axis really is sharded over the simulated devices.
+  # The slot axis really is sharded over the simulated devices.
   assert out["device_count"] == NUM_DEVICES
-  assert out["mesh_3"] == {"category": 3, "data": 1} and out["slots_3"] == 3
+  assert out["mesh_3"] == {"category": 3, "data": 1}
   par = out["runs"]["parallel"]
   assert par["mesh"] == {"category": 3, "data": 1} and par["loop"] == "unroll"
   assert par["state_spec"] in ("P('category',)", "PartitionSpec('category',)")
   assert par["state_devices"] == 3 and par["slots"] == 3 and par["slots_per_shard"] == [1]
-  padded = out["runs"]["parallel_padded"]
-  assert padded["mesh"] == {"category": 2, "data": 1}
+  assert par["steps"] == max(EXPECTED_STEPS.values())
+  queued = out["runs"]["queued"]
+  assert queued["mesh"] == {"category": 2, "data": 1} and queued["slots"] == 2
+  segments = [seg for queue in queued["plan"] for seg in queue]
+  cut = [c for c in CATEGORIES if sum(seg[0] == c for seg in segments) == 2]
+  late = [seg[0] for seg in segments if seg[1] == 0 and seg[3] > 0]
+  assert cut and late, queued["plan"]  # a job in two slots; one that starts mid-run
+  # Both slots busy until the end: ceil(54 / 2) program steps.
+  assert queued["steps"] == sum(EXPECTED_STEPS.values()) // 2
+  padded = out["runs"]["padded"]
   assert padded["slots"] == 4 and padded["slots_per_shard"] == [2]
-  # One program step per step of the longest schedule.
-  assert par["steps"] == padded["steps"] == max(EXPECTED_STEPS.values())
+  assert sum(len(q) == 0 for q in padded["plan"]) == 1
   for c in CATEGORIES:
     assert out["runs"][f"alone_{c}"]["steps"] == EXPECTED_STEPS[c]
     assert out["runs"][f"alone_{c}"]["mesh"] == {"category": 1, "data": 1}
@@ -463,23 +482,21 @@ def test_parallel_run_equals_categories_trained_alone(data_root, cache_dir, tmp_
   config = tiny_config(CATEGORIES, data_root)
   for c in CATEGORIES:
     alone_state, alone_meta = restore_final(str(tmp_path / f"alone_{c}"), c, config)
-    for name in ("parallel", "parallel_padded"):
+    for name in ("parallel", "queued", "padded"):
       state, meta = restore_final(str(tmp_path / name), c, config)
       assert int(state.step) == int(alone_state.step) == EXPECTED_STEPS[c], (name, c)
       assert meta["step"] == EXPECTED_STEPS[c] and meta["final"]
-      diff = max_abs_diff(state.params, alone_state.params)
-      assert diff <= PARAM_ATOL, f"{name}/{c}: params differ by {diff:.3g}"
-      assert max_abs_diff(state.batch_stats, alone_state.batch_stats) <= PARAM_ATOL
+      # 'unroll' runs each job's own computation: bit for bit.
+      assert tree_digest(state.params) == tree_digest(alone_state.params), (name, c)
+      assert tree_digest(state.batch_stats) == tree_digest(alone_state.batch_stats), (name, c)
       for m in METRICS:
-        assert abs(meta["metrics"][m] - alone_meta["metrics"][m]) <= METRIC_ATOL, (name, c, m)
-      assert meta["thresholds"]["image_threshold"] == pytest.approx(
-        alone_meta["thresholds"]["image_threshold"], abs=1e-4
-      )
-  for name in ("parallel", "parallel_padded"):
+        assert meta["metrics"][m] == alone_meta["metrics"][m], (name, c, m)
+      assert meta["thresholds"]["image_threshold"] == alone_meta["thresholds"]["image_threshold"]
+  for name in ("parallel", "queued", "padded"):
     with open(tmp_path / name / "results.csv", newline="") as f:
       rows = [r["category"] for r in csv.DictReader(f)]
     assert set(CATEGORIES) <= set(rows), rows
-    # The padded slot has no category: nothing of it is written.
+    # The idle slot has no job: nothing of it is written.
     assert sorted(
       d for d in os.listdir(tmp_path / name) if os.path.isdir(tmp_path / name / d / "checkpoints")
     ) == sorted(CATEGORIES)
@@ -495,9 +512,11 @@ def test_category_loops_match_single_step(cache_dir, tmp_path):
   so its gradients differ from the single step by float32 noise (~1e-6 of their
   scale); Adam's first updates are ``lr * g / |g|`` per element, so the few
   elements whose gradient is at the noise level move by up to ~lr in either
-  direction. Measured after 3 steps (lr 5e-3): max abs difference ~2e-3 in ~1e-4
-  of the elements, L2 norm of the difference ~5e-4 of the distance travelled,
-  losses equal to ~3e-7. The 'vmap' checks are therefore on those statistics.
+  direction. Measured after 3 steps (lr 5e-3), on two machines: max abs
+  difference ~2e-3 to 1e-2 in 1e-4 to 1e-3 of the elements, L2 norm of the
+  difference 5e-4 to 2e-3 of the distance travelled, BatchNorm statistics 2e-5
+  to 1.2e-4 of theirs, losses equal to 3e-7 to 3e-5. The 'vmap' checks are
+  therefore on those statistics.
   """
   out = run_worker("step", {"steps": 3}, tmp_path, cache_dir)
   print(json.dumps(out, indent=1))
@@ -514,20 +533,17 @@ def test_category_loops_match_single_step(cache_dir, tmp_path):
     assert all(s == 0 for s in r["steps"][3:]), name
     assert r["inactive_untouched"] and r["padding_untouched"], name
     if r["loop"] == "unroll":
-      assert r["loss_rel_diff"] <= 1e-6, name
+      assert r["loss_rel_diff"] == 0.0, name
       for key in ("params", "batch_stats"):
-        assert max(d["max_abs"] for d in r[key]) <= PARAM_ATOL, (name, key, r[key])
+        assert max(d["max_abs"] for d in r[key]) == 0.0, (name, key, r[key])
     else:
-      # Float noise of the batched convolutions and of BatchNorm over a sharded
-      # batch, grown by Adam's sign-like first steps: 3e-7 to 3e-5 on the
-      # machines measured.
       assert r["loss_rel_diff"] <= 1e-4, name
       for d in r["params"]:
-        assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 1e-3, (name, r["params"])
+        assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 2e-3, (name, r["params"])
       for d in r["batch_stats"]:
-        assert d["rel_l2"] <= 1e-4, (name, r["batch_stats"])
+        assert d["rel_l2"] <= 1e-3, (name, r["batch_stats"])
   for d in out["vmap_vs_unroll"]:
-    assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 1e-3, out["vmap_vs_unroll"]
+    assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 2e-3, out["vmap_vs_unroll"]
 
 
 def test_resume_continues_and_finished_run_only_reevaluates(data_root, cache_dir, tmp_path):

@@ -4,6 +4,7 @@
 - ``load_config('configs/mvtec.py:bottle,cable')``: a config file as
   ``--config=`` reads it (its ``get_config(arg)``), without touching ``sys.path``.
 - ``parse_categories``: the ``:a,b`` argument of a dataset config.
+- ``validation.validate(config)``: the whole config checked before a run.
 - ``resolve(config)``: a copy with the teacher's defaults filled in
   (``teachers.registry``): what a run actually uses, and what it stores.
 """
@@ -18,13 +19,20 @@ import ml_collections
 
 
 def parse_categories(arg: str, all_categories: Sequence[str]) -> tuple[str, ...]:
-  """``'bottle,cable'`` -> ('bottle', 'cable'); '' -> all; unknown names raise."""
+  """``'bottle,cable'`` -> ('bottle', 'cable'); '' -> all; unknown names raise ConfigError."""
+  from skrd4ad_jax.config.validation import ConfigError
+
   if not arg:
     return tuple(all_categories)
   wanted = tuple(c.strip() for c in arg.split(",") if c.strip())
   unknown = [c for c in wanted if c not in all_categories]
   if unknown:
-    raise ValueError(f"Unknown categories {unknown}; choose from {list(all_categories)}.")
+    raise ConfigError(
+      [
+        f"Unknown categories {unknown} after the ':' of --config; choose from "
+        f"{', '.join(all_categories)}."
+      ]
+    )
   return wanted
 
 

@@ -65,8 +65,13 @@ def get_config():
   # > 0: a fixed number of steps per category instead of epochs (RD with Expert).
   config.train.num_steps = 0
   config.train.batch_size = 16
+  # Seeds per category: seed k trains with config.seed + k (initialisation,
+  # shuffling, augmentation); results.md reports mean ± std over seeds.
+  config.train.seeds = 1
   # Compute the frozen teacher's features of the training images once instead of
-  # every epoch (same numbers; RD4AD/SK-RD4AD only; host memory: N x features).
+  # every epoch: the same batches in the same order, the features (computed in
+  # evaluation batches) equal to float round-off. RD4AD/SK-RD4AD only (no input
+  # augmentation); host memory: N x the three feature maps per category.
   config.train.cache_teacher_features = False
   config.train.learning_rate = 0.005
   config.train.b1 = 0.5
@@ -90,12 +95,21 @@ def get_config():
   config.data.val_fraction = 0.1
   config.data.tfds_data_dir = ""
   config.data.manual_dir = ""
+  # Seed of the held-out validation split (the training order is each job's own seed).
   config.data.shuffle_seed = 111
+  # Threads that make training batches (and augmentations) ahead of the step;
+  # 0 = min(4, CPU count).
+  config.data.host_workers = 0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16
   config.eval.fpr_limit = 0.3
   config.eval.save_pictures = True
+  # Pictures for every seed (default: seed 0 only, to save disk).
+  config.eval.pictures_all_seeds = False
+  # 'project' or 'official': the official test.py's conventions (labels from the
+  # masks, metrics rounded to 3 decimals); results.md says which.
+  config.eval.protocol = "project"
   config.eval.tensorboard_pictures = 16  # heat-map overlays per evaluation in TensorBoard
   # Also report the non-learned colour-statistics baseline (skrd4ad_jax/baseline.py)
   # beside the model, to show what a trivial detector already solves.
@@ -116,6 +130,9 @@ def get_config():
   # accelerators), 'unroll' (a loop inside the program; several times faster on
   # XLA:CPU, needs data_axis_size=1), 'auto' = 'unroll' on CPU, else 'vmap'.
   config.parallel.category_loop = "auto"
+  # Jobs (category x seed) each device trains at once; 0 = auto: 1 on CPU, on
+  # accelerators the most (<= 8) that keep >= 95 % of the step-time useful.
+  config.parallel.slots_per_device = 0
 
   # MRKD (config.model.name = 'mrkd').
   config.mrkd = ml_collections.ConfigDict(

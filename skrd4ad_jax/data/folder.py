@@ -153,6 +153,9 @@ def _check_root(root: str) -> None:
 def discover_categories(root: str) -> list[str]:
   """Lists the categories under `root` (folders that have `train/good`).
 
+  Any other folder under `root` is reported with a warning (a category whose
+  training folder is misnamed would otherwise vanish from the run unnoticed).
+
   Args:
     root: data set root.
 
@@ -163,9 +166,19 @@ def discover_categories(root: str) -> list[str]:
     DatasetError: the root is missing or holds no category.
   """
   _check_root(root)
-  categories = [
-    c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, TRAIN_DIR, NORMAL_DIR))
-  ]
+  categories, others = [], []
+  for c in _subdirs(root):
+    is_category = os.path.isdir(os.path.join(root, c, TRAIN_DIR, NORMAL_DIR))
+    (categories if is_category else others).append(c)
+  for c in others:
+    logging.warning(
+      "Skipping %s: not a category (no %s folder inside). If it is one, put its "
+      "normal training images in %s; otherwise move it out of %s.",
+      os.path.join(root, c),
+      os.path.join(TRAIN_DIR, NORMAL_DIR),
+      os.path.join(root, c, TRAIN_DIR, NORMAL_DIR, ""),
+      root,
+    )
   if not categories:
     raise DatasetError(
       f"No category found under {root}: expected folders "

@@ -1,4 +1,4 @@
-"""tf.data input pipelines of one category (train / val / test).
+"""Input data of one category (train / val / test): decoding with tf.data, then memory.
 
 Pre-processing reproduces the RD4AD reference: PIL `convert('RGB')`, then
 `Resize((256, 256))` (antialiased bilinear on 8-bit values: Pillow's two
@@ -22,20 +22,23 @@ Fields of `data_cfg` (an `ml_collections.ConfigDict`, `config.data`):
   mask_threshold: a resized mask pixel is defective when > this (0.5).
   val_fraction: fraction of the normal training images held out as the 'val'
     split (for thresholds), chosen deterministically by `shuffle_seed`;
-    0 = none (the lead's default is 0.1).
+    0 = none (default 0.1).
   tfds_data_dir: tfds data_dir ('' = tfds' default, ~/tensorflow_datasets).
   manual_dir: where the downloaded archives / extracted trees are for 'tfds'
     ('' = <tfds_data_dir>/downloads/manual).
-  shuffle_seed: seed of the validation hold-out, and of the training order
-    when `train_batches` gets no seed.
-  Optional: demo_seed (0): seed given to `ensure_demo_dataset`; cache (True):
-    keep decoded, resized 8-bit images in memory (image_size**2 * 3 bytes each)
-    so later epochs skip decoding.
+  shuffle_seed: seed of the validation hold-out (the training order is the
+    job's own: see `skrd4ad_jax.training.batches`).
+  Optional: demo_seed (0): seed given to `ensure_demo_dataset`.
+
+`CategoryData.load` decodes every split once, in parallel (tf.data), and keeps
+the images in host memory as uint8 at the configured size; batches are then
+cut from memory in numpy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import dataclasses
 import io
 import os
 from typing import Any
@@ -48,7 +51,7 @@ from skrd4ad_jax import normalization
 from skrd4ad_jax.data import folder
 
 EVAL_SPLITS = ("test", "val", "train")
-PREFETCH_BATCHES = 2
+PREFETCH_BATCHES = 2  # used by predict's streaming pipeline
 # tf.data's autotuner may use at most this much host memory for buffers.
 RAM_BUDGET_BYTES = 1 << 30
 
@@ -326,8 +329,27 @@ def _folder_records(samples: Sequence[folder.Sample]) -> tf.data.Dataset:
   )
 
 
+@dataclasses.dataclass
+class SplitArrays:
+  """One split decoded into host memory at the configured size."""
+
+  image: np.ndarray  # uint8 [N, S, S, 3]
+  gt_mask: np.ndarray  # uint8 [N, S, S] in {0, 1} (zeros without masks)
+  gt_label: np.ndarray  # int32 [N]
+  image_path: list[str]
+  defect_type: list[str]
+
+  def __len__(self) -> int:
+    return len(self.gt_label)
+
+
 class CategoryData:
-  """The train / val / test pipelines of one category.
+  """The train / val / test data of one category.
+
+  ``load`` decodes every image and mask of every split once, in parallel, and
+  keeps them in host memory as uint8 at the configured size (``image_size**2 *
+  3`` bytes per image): a bad file stops the run there, before any training
+  step, and later epochs and evaluations never decode again.
 
   Attributes:
     category: category name.
@@ -336,6 +358,7 @@ class CategoryData:
     num_test: test images.
     has_masks: whether pixel ground truth exists (else image metrics only).
     image_size: side of the images.
+    location: where the data comes from (for messages).
   """
 
   def __init__(
@@ -347,8 +370,7 @@ class CategoryData:
     from_files: bool,
     image_size: int,
     mask_threshold: float = 0.5,
-    cache: bool = True,
-    shuffle_seed: int = 0,
+    location: str = "",
   ):
     """Use `make_category_data`; `records` maps split -> dataset maker."""
     self.category = category
@@ -357,13 +379,11 @@ class CategoryData:
     self.num_test = counts["test"]
     self.has_masks = has_masks
     self.image_size = image_size
+    self.location = location
     self._records = records
     self._from_files = from_files
     self._mask_threshold = mask_threshold
-    self._cache = cache
-    self._shuffle_seed = shuffle_seed
-    self._train_cache = None
-    self._eval_cache = {}
+    self._arrays: dict[str, SplitArrays] = {}
 
   # -- per-record decoding ----------------------------------------------------
 
@@ -390,14 +410,9 @@ class CategoryData:
       "defect_type": record["defect_type"],
     }
 
-  def _decode_error(
-    self, split: str, error: Exception, start: int = 0, stop: int | None = None
-  ) -> DatasetError:
-    """Finds the record in [start, stop) of `split` that fails to load."""
-    records = self._records[split]().skip(start)
-    if stop is not None:
-      records = records.take(stop - start)
-    for record in records:
+  def _record_problem(self, split: str, index: int) -> str:
+    """Why record ``index`` of ``split`` does not load (image or mask), in one line."""
+    for record in self._records[split]().skip(index).take(1):
       path = record["image_path"].numpy().decode()
       mask = (
         record["mask"].numpy().decode(errors="replace") if self._from_files else "the stored mask"
@@ -405,91 +420,105 @@ class CategoryData:
       for what, load in (("image", self._load_image), ("mask", self._load_mask)):
         try:
           load(record).numpy()
-        except Exception as e:
+        except Exception as e:  # any decoder error is the file's problem
           culprit = path if what == "image" else f"{mask} (mask of {path})"
-          return DatasetError(
-            f"Could not read or decode {culprit} in split {split!r} of "
-            f"category {self.category!r}: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0]}. Fix: replace the file with "
-            "a valid image or remove it."
-          )
-    return DatasetError(
-      f"Loading split {split!r} of category {self.category!r} failed "
-      f"({type(error).__name__}: {str(error).splitlines()[0]}), but no "
-      "single file reproduces it."
-    )
+          reason = (str(e).strip().splitlines() or [""])[0]
+          return f"{culprit}: {type(e).__name__}: {reason}"
+      return f"{path}: could not be loaded"
+    return f"record {index}: could not be loaded"
 
-  # -- public iterators -------------------------------------------------------
+  # -- loading ----------------------------------------------------------------
 
-  def _train_dataset(self, batch_size: int, seed: int) -> tf.data.Dataset:
-    n = self.num_train
-    records = self._records["train"]()
-    if self._cache:
-      images = records.map(self._load_image, num_parallel_calls=tf.data.AUTOTUNE).cache()
-      images = images.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    else:
-      records = records.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-      images = records.map(self._load_image, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = images.repeat().map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.prefetch(PREFETCH_BATCHES).with_options(dataset_options())
+  def load(self) -> None:
+    """Decodes every split into memory; a problem names the files and the fix.
 
-  def train_batches(self, batch_size: int, seed: int | None = None) -> Iterator[np.ndarray]:
-    """Endless shuffled training batches.
-
-    Each epoch is reshuffled (deterministically for a given seed); batches are
-    always full (they run across epoch boundaries), so categories stack.
-
-    Args:
-      batch_size: images per batch.
-      seed: shuffling seed; None = the config's `shuffle_seed`.
-
-    Yields:
-      float32 [batch_size, S, S, 3] ImageNet-normalised images.
+    Raises:
+      DatasetError: naming every image or mask that cannot be read or decoded
+        (up to 20), its split and category.
     """
-    if seed is None:
-      seed = self._shuffle_seed
-    iterator = iter(self._train_dataset(batch_size, seed).as_numpy_iterator())
-    while True:
-      try:
-        batch = next(iterator)
-      except tf.errors.OpError as e:
-        raise self._decode_error("train", e) from e
-      yield batch
+    if self._arrays:
+      return
+    problems = []
+    for split in ("train", "val", "test"):
+      arrays, bad = self._decode_split(split)
+      problems += [(split, self._record_problem(split, i)) for i in bad]
+      self._arrays[split] = arrays
+    if problems:
+      self._arrays = {}
+      shown = "; ".join(f"[{split}] {what}" for split, what in problems[:20])
+      more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+      raise DatasetError(
+        f"Category {self.category!r}: {len(problems)} file(s) cannot be read or decoded: "
+        f"{shown}{more}. Fix: replace these files with valid images or remove them."
+      )
+
+  def _decode_split(self, split: str) -> tuple[SplitArrays, list[int]]:
+    """(the decodable records of ``split``, indices of those that fail)."""
+    size = self.image_size
+    ds = self._records[split]().enumerate()
+    ds = ds.map(lambda i, r: (i, self._load_example(r)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors().with_options(dataset_options())
+    indices, out = [], {k: [] for k in ("image", "gt_mask", "gt_label", "path", "defect")}
+    for i, ex in ds.as_numpy_iterator():
+      indices.append(int(i))
+      out["image"].append(ex["image"])
+      out["gt_mask"].append(ex["gt_mask"])
+      out["gt_label"].append(ex["gt_label"])
+      out["path"].append(ex["image_path"].decode())
+      out["defect"].append(ex["defect_type"].decode())
+    total = {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
+    bad = sorted(set(range(total)) - set(indices))
+    arrays = SplitArrays(
+      image=np.asarray(out["image"], np.uint8).reshape(-1, size, size, 3),
+      gt_mask=np.asarray(out["gt_mask"], np.uint8).reshape(-1, size, size),
+      gt_label=np.asarray(out["gt_label"], np.int32).reshape(-1),
+      image_path=out["path"],
+      defect_type=out["defect"],
+    )
+    return arrays, bad
+
+  def split(self, split: str) -> SplitArrays:
+    """The decoded arrays of ``split`` (decoding every split on first use)."""
+    if split not in EVAL_SPLITS:
+      raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
+    self.load()
+    return self._arrays[split]
+
+  @property
+  def train_images(self) -> np.ndarray:
+    """uint8 [num_train, S, S, 3], in the split's fixed order."""
+    return self.split("train").image
+
+  # -- batches ----------------------------------------------------------------
 
   def eval_batches(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every image of `split` once, in a fixed order.
 
     Args:
-      split: 'test' or 'val' (held-out normal training images).
+      split: 'test', 'val' (held-out normal training images) or 'train'.
       batch_size: images per batch; the last batch is padded.
 
     Yields:
-      Dicts of numpy arrays: image float32 [B, S, S, 3], gt_mask float32
-      [B, S, S] in {0, 1} (zeros without masks), gt_label int32 [B],
-      image_path [B] and defect_type [B] (object arrays of str, '' for
-      padding), valid bool [B] (False for padding).
+      Dicts of numpy arrays: image float32 [B, S, S, 3] ImageNet-normalised,
+      gt_mask float32 [B, S, S] in {0, 1} (zeros without masks), gt_label
+      int32 [B], image_path [B] and defect_type [B] (object arrays of str, ''
+      for padding), valid bool [B] (False for padding).
     """
-    if split not in EVAL_SPLITS:
-      raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
-    ds = self._records[split]().map(self._load_example, num_parallel_calls=tf.data.AUTOTUNE)
-    if self._cache:
-      ds = self._eval_cache.setdefault(split, ds.cache())
-    ds = ds.map(
-      lambda ex: dict(ex, image=normalize(ex["image"])), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    ds = ds.batch(batch_size).prefetch(PREFETCH_BATCHES).with_options(dataset_options())
-    iterator = iter(ds.as_numpy_iterator())
-    index = 0
-    while True:
-      try:
-        batch = next(iterator)
-      except StopIteration:
-        return
-      except tf.errors.OpError as e:
-        raise self._decode_error(split, e, index * batch_size, (index + 1) * batch_size) from e
-      index += 1
-      yield _pad_eval_batch(batch, batch_size)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    arrays = self.split(split)
+    for start in range(0, len(arrays), batch_size):
+      stop = min(start + batch_size, len(arrays))
+      yield _pad_eval_batch(
+        {
+          "image": normalization.normalize_uint8(arrays.image[start:stop]),
+          "gt_mask": arrays.gt_mask[start:stop],
+          "gt_label": arrays.gt_label[start:stop],
+          "image_path": arrays.image_path[start:stop],
+          "defect_type": arrays.defect_type[start:stop],
+        },
+        batch_size,
+      )
 
 
 def _pad_eval_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
@@ -501,7 +530,7 @@ def _pad_eval_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, 
     return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
 
   def strings(x):
-    return np.array([s.decode() for s in x] + [""] * pad, dtype=object)
+    return np.array([str(s) for s in x] + [""] * pad, dtype=object)
 
   return {
     "image": padded(batch["image"]),
@@ -532,8 +561,7 @@ def _folder_category_data(data_cfg, root: str, category: str) -> CategoryData:
     from_files=True,
     image_size=data_cfg.image_size,
     mask_threshold=data_cfg.mask_threshold,
-    cache=data_cfg.get("cache", True),
-    shuffle_seed=data_cfg.shuffle_seed,
+    location=os.path.join(root, category),
   )
 
 
@@ -602,8 +630,7 @@ def _tfds_category_data(data_cfg, category: str) -> CategoryData:
     from_files=False,
     image_size=data_cfg.image_size,
     mask_threshold=data_cfg.mask_threshold,
-    cache=data_cfg.get("cache", True),
-    shuffle_seed=data_cfg.shuffle_seed,
+    location=f"tfds {data_cfg.dataset}/{category}",
   )
 
 

@@ -75,14 +75,55 @@ def predict(
   )
 
 
-def compute_metrics(pred: Predictions, fpr_limit: float = 0.3) -> dict[str, float]:
-  """The anomalib-named metrics (pixel metrics NaN without masks)."""
-  return metrics_lib.compute_metrics(
-    pred.labels,
+# Evaluation conventions: ours, or the official RD4AD / SK-RD4AD ``test.py:evaluation``.
+PROTOCOLS = ("project", "official")
+OFFICIAL_ROUNDED = ("image_auroc", "pixel_auroc", "pixel_aupro_rd4ad")
+
+
+def compute_metrics(
+  pred: Predictions, fpr_limit: float = 0.3, protocol: str = "project"
+) -> dict[str, float]:
+  """The anomalib-named metrics (pixel metrics NaN without masks).
+
+  Args:
+    pred: the split's predictions.
+    fpr_limit: FPR bound of both AUPRO protocols.
+    protocol: 'project' (image labels from the folders, full precision) or
+      'official', the conventions of the official ``test.py:evaluation``:
+      an image's label is the maximum of its binarised mask (a defect that
+      vanished when the mask was resized makes the image normal), and image
+      AUROC, pixel AUROC and the per-image AUPRO are rounded to 3 decimals.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"Unknown config.eval.protocol {protocol!r}; choose one of {PROTOCOLS}.")
+  labels = pred.labels
+  if protocol == "official" and pred.masks is not None:
+    labels = pred.masks.reshape(len(pred), -1).max(axis=1).astype(np.int32)
+  m = metrics_lib.compute_metrics(
+    labels,
     pred.scores,
     pred.masks,
     pred.maps if pred.masks is not None else None,
     fpr_limit=fpr_limit,
+  )
+  if protocol == "official":
+    for key in OFFICIAL_ROUNDED:
+      if np.isfinite(m[key]):
+        m[key] = round(float(m[key]), 3)
+  return m
+
+
+def protocol_note(protocol: str) -> str:
+  """One line for the results table saying which evaluation conventions were used."""
+  if protocol == "official":
+    return (
+      "Evaluation conventions of the official test.py (config.eval.protocol='official'): "
+      "image labels = max of the binarised mask; image AUROC, pixel AUROC and the "
+      "per-image AUPRO rounded to 3 decimals."
+    )
+  return (
+    "Evaluation conventions: this project's (image labels from the folders, full precision; "
+    "config.eval.protocol='official' gives the official test.py's)."
   )
 
 

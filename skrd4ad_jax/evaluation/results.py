@@ -77,6 +77,10 @@ METRIC_COLUMNS = (
   "pixel_ap",
 )
 TIMING_COLUMNS = ("train_seconds", "train_images_per_second")
+STD_SUFFIX = "_std"
+SELECTED_SUFFIX = "_test_selected"
+# Per-seed columns that are not averaged over seeds.
+SEED_COLUMNS = ("seed",)
 MISSING = "\u2013"  # En dash, for values that do not exist (NaN, unpublished).
 _PERCENT_PATTERN = re.compile(r"(auroc|aupro|f1|precision|recall|accuracy|iou|dice|(^|_)ap($|_))")
 
@@ -302,6 +306,93 @@ def _source_notes(records: Sequence[Mapping[str, str]], methods: Sequence[str]) 
   return notes
 
 
+def aggregate_seeds(
+  seed_rows: Sequence[Mapping[str, Any]], categories: Sequence[str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Per-category mean and spread over seeds, and the overall mean row.
+
+  Args:
+    seed_rows: one row per (category, seed) job, with ``category`` and the
+      same numeric columns (a ``seed`` column is dropped).
+    categories: the order of the categories (default: first seen).
+
+  Returns:
+    ``(rows, mean)``: one row per category with the mean over its seeds of
+    every numeric column and, when some category has several seeds,
+    ``<column>_std`` (sample standard deviation over seeds) for every metric
+    and ``n_seeds``; and the mean row, whose metrics are the mean over
+    categories and whose ``_std`` is the standard deviation over seeds of the
+    per-seed category means (the spread of the whole benchmark's mean).
+    With one seed per category the rows are the input rows and the mean row
+    is ``mean_row``'s.
+  """
+  if categories is None:
+    categories = list(dict.fromkeys(str(r[CATEGORY]) for r in seed_rows))
+  groups = {c: [r for r in seed_rows if r[CATEGORY] == c] for c in categories}
+  groups = {c: g for c, g in groups.items() if g}
+  strip = [{k: v for k, v in r.items() if k not in SEED_COLUMNS} for r in seed_rows]
+  if all(len(g) == 1 for g in groups.values()):
+    rows = [next(r for r in strip if r[CATEGORY] == c) for c in groups]
+    return rows, mean_row(rows)
+  columns = result_columns(strip)[1:]
+  numeric = [c for c in columns if all(_is_number(r.get(c)) for r in strip)]
+  spread = [c for c in numeric if c not in TIMING_COLUMNS]
+  rows = []
+  for category, group in groups.items():
+    row: dict[str, Any] = {CATEGORY: category}
+    for column in columns:
+      values = [_as_float(r.get(column)) for r in group]
+      if column in numeric:
+        row[column] = float(np.mean(values))
+        if column in spread:
+          row[column + STD_SUFFIX] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+      else:
+        row[column] = group[0].get(column)
+    row["n_seeds"] = len(group)
+    rows.append(row)
+  mean: dict[str, Any] = {CATEGORY: MEAN}
+  for column in columns:
+    mean[column] = float(np.mean([r[column] for r in rows])) if column in numeric else None
+  num_seeds = min(len(g) for g in groups.values())
+  for column in spread:
+    per_seed = [
+      np.mean([_as_float(g[k].get(column)) for g in groups.values()]) for k in range(num_seeds)
+    ]
+    mean[column + STD_SUFFIX] = float(np.std(per_seed, ddof=1)) if num_seeds > 1 else 0.0
+  mean["n_seeds"] = num_seeds
+  return rows, mean
+
+
+def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
+  """Writes ``rows`` (e.g. every seed's row) as a csv with ``result_columns``' order."""
+  columns = result_columns(rows)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+      writer.writerow([_csv_value(row.get(c)) for c in columns])
+  return os.fspath(path)
+
+
+def _shown_columns(columns: Sequence[str]) -> list[str]:
+  """Columns of the markdown / console tables: ``X_std`` is shown inside ``X``'s cell."""
+  return [c for c in columns if not (c.endswith(STD_SUFFIX) and c[: -len(STD_SUFFIX)] in columns)]
+
+
+def _header(column: str) -> str:
+  if column.endswith(SELECTED_SUFFIX):
+    return f"{column[: -len(SELECTED_SUFFIX)]} (best test epoch: test-selected, optimistic)"
+  return column
+
+
+def _cell(column: str, row: Mapping[str, Any]) -> str:
+  text = _format_ours(column, row.get(column))
+  std = row.get(column + STD_SUFFIX)
+  if text != MISSING and std is not None and not _is_missing(std):
+    text += " ± " + _format_ours(column, std)
+  return text
+
+
 def write_results_table(
   rows: Sequence[Mapping[str, Any]],
   out_dir: str | os.PathLike,
@@ -309,6 +400,7 @@ def write_results_table(
   notes: Iterable[str] = (),
   methods: Sequence[str] = DEFAULT_METHODS,
   csv_path: str | None = None,
+  mean: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
   """Writes ``results.csv`` and ``results.md`` for one dataset.
 
@@ -329,6 +421,9 @@ def write_results_table(
     methods: published methods to show (keys of ``METHOD_DISPLAY_NAMES``);
       a method's metric column appears only where the csv has a value.
     csv_path: published numbers to use instead of the package's csv.
+    mean: the mean row (default: ``mean_row(rows)``); ``aggregate_seeds``
+      gives one with the spread over seeds. Columns ``X_std`` are shown as
+      ``X ± std`` in the markdown table.
 
   Returns:
     ``(csv_path, md_path)`` of the written files.
@@ -337,7 +432,7 @@ def write_results_table(
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   columns = result_columns(rows)
-  table = [dict(row) for row in rows] + [mean_row(rows)]
+  table = [dict(row) for row in rows] + [dict(mean) if mean is not None else mean_row(rows)]
   categories = [str(row[CATEGORY]) for row in rows]
 
   results_csv = os.path.join(out_dir, "results.csv")
@@ -350,14 +445,14 @@ def write_results_table(
   published_columns, published, records = _published_columns(dataset, methods, csv_path)
   headers: list[str] = []
   cells: list[list[str]] = [[] for _ in table]
-  for column in columns:
-    headers.append(column)
+  for column in _shown_columns(columns):
+    headers.append(_header(column))
     for i, row in enumerate(table):
       if column == CATEGORY:
         text = str(row[CATEGORY]).replace("|", "\\|")
         cells[i].append(f"**{text}**" if i == len(table) - 1 else text)
       else:
-        cells[i].append(_format_ours(column, row.get(column)))
+        cells[i].append(_cell(column, row))
     for header, method, metric in published_columns.get(column, []):
       headers.append(header)
       for i, row in enumerate(table):
@@ -410,6 +505,7 @@ def format_console_table(
   dataset: str | None = None,
   columns: Sequence[str] | None = None,
   methods: Sequence[str] = DEFAULT_METHODS,
+  mean: Mapping[str, Any] | None = None,
 ) -> str:
   """Formats the per-category results and their mean as a fixed-width table.
 
@@ -419,22 +515,24 @@ def format_console_table(
       with its published mean is added under ours.
     columns: columns to show (default: all numeric ones of the rows).
     methods: published methods to list when ``dataset`` is given.
+    mean: the mean row (default: ``mean_row(rows)``); ``X_std`` columns are
+      shown as ``X ± std``.
 
   Returns:
     The table as text, metrics in percent, '-' for missing values.
   """
   _check_rows(rows)
-  mean = mean_row(rows)
+  mean = dict(mean) if mean is not None else mean_row(rows)
   if columns is None:
     columns = [c for c in result_columns(rows)[1:] if mean.get(c) is not None]
-  columns = [c for c in columns if c != CATEGORY]
+  columns = [c for c in _shown_columns(columns) if c != CATEGORY]
 
-  def cell(column, value):
-    text = _format_ours(column, value)
+  def cell(column, row):
+    text = _cell(column, row)
     return "-" if text == MISSING else text
 
-  body = [[str(r[CATEGORY])] + [cell(c, r.get(c)) for c in columns] for r in rows]
-  footer = [[MEAN] + [cell(c, mean.get(c)) for c in columns]]
+  body = [[str(r[CATEGORY])] + [cell(c, r) for c in columns] for r in rows]
+  footer = [[MEAN] + [cell(c, mean) for c in columns]]
   if dataset is not None:
     published_columns, published, _ = _published_columns(dataset, methods, None)
     for method in methods:

@@ -1,19 +1,19 @@
-"""Many categories in one program: stacked states, a vmapped step, a device mesh.
+"""Many jobs in one program: slots of stacked states, one step, a device mesh.
 
-Per-category training states are stacked on a leading "category" axis and one
-jitted, ``jax.vmap``-ed step advances them all. The category axis is sharded over
-the mesh axis ``category``; an optional ``data`` axis splits each category's
-batch when there are more devices than categories (BatchNorm then sees the global
-batch: XLA reduces across the ``data`` devices). When categories do not divide
-the ``category`` axis, padded slots are added and kept inactive: their state
-never changes and their outputs are never read.
+The training states of the jobs a run trains at once live stacked on a leading
+*slot* axis, sharded over the mesh axis ``category``; one jitted step advances
+every slot (``make_parallel_train_step``). An optional ``data`` axis splits each
+slot's batch when there are more devices than slots (BatchNorm then sees the
+global batch: XLA reduces across the ``data`` devices). A slot without a job at
+some step is inactive: its state never changes and its outputs are never read.
+Which job a slot holds changes over the run (``schedule.plan_slots``);
+``set_local_slot`` puts a job's state into its slot without recompiling.
 
 Several processes (``jax.distributed``: TPU pods, multi-node GPU) run the same
 program on one global mesh. Each process owns the slots on its own devices
-(``local_slots``), reads only those categories' data and assembles its part of
-every global array (``global_stacked``, ``global_batch``); nothing crosses
-processes inside the step, since categories are independent and a ``data`` axis
-never spans processes.
+(``local_slots``) and assembles its part of every global array
+(``global_stacked``, ``global_batch``); nothing crosses processes inside the
+step, since jobs are independent and a ``data`` axis never spans processes.
 
 Meshes use ``jax.sharding.Mesh`` (Auto axis types): with ``jax.make_mesh``'s
 Explicit axes a vmapped convolution step raises ``ShardingTypeError``.
@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 import functools
 import json
-import math
 from typing import Any
 
 import jax
@@ -33,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from skrd4ad_jax.config.validation import ConfigError
 from skrd4ad_jax.training import train
 
 CATEGORY_AXIS = "category"
@@ -40,40 +40,41 @@ DATA_AXIS = "data"
 
 
 def make_mesh(
-  num_categories: int, data_axis_size: int = 1, devices: Sequence[jax.Device] | None = None
+  num_jobs: int, data_axis_size: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
   """A (category, data) mesh over ``devices`` (default: all, of every process).
 
-  With one process the category axis gets ``min(num_categories, devices //
-  data)`` devices so that no device idles on padding alone when there are few
-  categories. With several processes it spans every device (every process must
-  take part in the program) and each ``data`` row lies within one process.
+  With one process the category axis gets ``min(num_jobs, devices // data)``
+  devices so that no device idles when there are few jobs. With several
+  processes it spans every device (every process must take part in the
+  program) and each ``data`` row lies within one process.
   """
   devices = list(devices if devices is not None else jax.devices())
   data = max(1, int(data_axis_size))
   if len(devices) % data:
-    raise ValueError(
-      f"config.parallel.data_axis_size={data} does not divide the {len(devices)} devices."
+    raise ConfigError(
+      [f"config.parallel.data_axis_size={data} does not divide the {len(devices)} devices."]
     )
   multi = len({d.process_index for d in devices}) > 1
   if multi:
     # Process-major order, so that a mesh row never straddles two processes.
     devices.sort(key=lambda d: (d.process_index, d.id))
     if jax.local_device_count() % data:
-      raise ValueError(
-        f"config.parallel.data_axis_size={data} must divide the "
-        f"{jax.local_device_count()} devices of each process: a category's "
-        "batch is never split across processes."
+      raise ConfigError(
+        [
+          f"config.parallel.data_axis_size={data} must divide the "
+          f"{jax.local_device_count()} devices of each process: a category's "
+          "batch is never split across processes."
+        ]
       )
-  cat = len(devices) // data if multi else max(1, min(num_categories, len(devices) // data))
+  cat = len(devices) // data if multi else max(1, min(num_jobs, len(devices) // data))
   grid = np.asarray(devices[: cat * data], dtype=object).reshape(cat, data)
   return Mesh(grid, (CATEGORY_AXIS, DATA_AXIS))
 
 
-def num_slots(num_categories: int, mesh: Mesh) -> int:
-  """Categories padded up to a multiple of the category axis."""
-  n = mesh.shape[CATEGORY_AXIS]
-  return int(math.ceil(num_categories / n) * n)
+def num_slots(mesh: Mesh, slots_per_device: int = 1) -> int:
+  """Slots of a run: the category axis times the slots each of its devices holds."""
+  return int(mesh.shape[CATEGORY_AXIS]) * max(1, int(slots_per_device))
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -101,26 +102,31 @@ def resolve_category_loop(loop: str, mesh: Mesh) -> str:
   """'auto' -> 'unroll' on CPU (XLA:CPU runs vmapped, batched-weight convolutions
   as slow grouped convolutions), 'vmap' elsewhere."""
   if loop not in CATEGORY_LOOPS:
-    raise ValueError(f"config.parallel.category_loop={loop!r}; choose one of {CATEGORY_LOOPS}.")
+    raise ConfigError([f"config.parallel.category_loop={loop!r}; choose one of {CATEGORY_LOOPS}."])
   if loop == "auto":
     loop = "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
   if loop == "unroll" and mesh.shape[DATA_AXIS] > 1:
-    raise ValueError(
-      "config.parallel.category_loop='unroll' needs "
-      "config.parallel.data_axis_size=1; use 'vmap' to split batches."
+    raise ConfigError(
+      [
+        "config.parallel.category_loop='unroll' needs config.parallel.data_axis_size=1 "
+        "(on CPU 'auto' is 'unroll'); use --config.parallel.category_loop=vmap to split "
+        "batches."
+      ]
     )
   return loop
 
 
-def _unrolled_step(method, states, teacher_vars, batch, base_rng, active):
-  """The per-device body of 'unroll': a Python loop over the local categories.
+def _unrolled_step(method, states, teacher_vars, batch, rngs, active):
+  """The per-device body of 'unroll': a Python loop over the device's slots.
 
-  Each category runs the ordinary single-category step, so its numbers are the
-  ones it would get alone; the loop is unrolled into one XLA program.
+  Each slot runs the ordinary single-job step, so its numbers are bit for bit
+  the ones it gets alone (an inactive slot computes and keeps its old state,
+  as the single step does: ``lax.cond`` would skip the work but compiles the
+  step differently).
   """
   outs = [
     train.train_step(
-      method, unstack(states, i), teacher_vars, unstack(batch, i), base_rng, active[i]
+      method, unstack(states, i), teacher_vars, unstack(batch, i), rngs[i], active[i]
     )
     for i in range(active.shape[0])
   ]
@@ -130,13 +136,14 @@ def _unrolled_step(method, states, teacher_vars, batch, base_rng, active):
 def make_parallel_train_step(method, mesh: Mesh, category_loop: str = "auto"):
   """One jitted step over stacked states, sharded on ``mesh``.
 
-  ``category_loop='vmap'``: ``jax.vmap`` over the category axis (accelerators).
-  ``'unroll'``: each device loops over its own categories inside the jitted
-  program (``shard_map`` over the category axis), which XLA:CPU runs several
-  times faster. Both give each category the results it gets alone.
+  ``category_loop='vmap'``: ``jax.vmap`` over the slot axis (accelerators).
+  ``'unroll'``: each device loops over its own slots inside the jitted program
+  (``shard_map`` over the category axis), which XLA:CPU runs several times
+  faster. Both give each job the results it gets alone.
 
   The returned function takes (stacked_state, teacher_vars, batch [K, B, ...],
-  base_rng, active [K]) and returns (stacked_state, metrics [K]).
+  rngs [K, 2] (each slot's job key), active [K]) and returns (stacked_state,
+  metrics [K]).
   """
   sh = shardings(mesh)
   if resolve_category_loop(category_loop, mesh) == "unroll":
@@ -144,15 +151,15 @@ def make_parallel_train_step(method, mesh: Mesh, category_loop: str = "auto"):
     step = jax.shard_map(
       functools.partial(_unrolled_step, method),
       mesh=mesh,
-      in_specs=(spec, P(), spec, P(), spec),
+      in_specs=(spec, P(), spec, spec, spec),
       out_specs=(spec, spec),
       check_vma=False,
     )
   else:
-    step = jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, None, 0))
+    step = jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, 0, 0))
   return jax.jit(
     step,
-    in_shardings=(sh["state"], sh["replicated"], sh["batch"], sh["replicated"], sh["state"]),
+    in_shardings=(sh["state"], sh["replicated"], sh["batch"], sh["state"], sh["state"]),
     out_shardings=(sh["state"], sh["state"]),
     donate_argnums=(0,),
   )
@@ -242,8 +249,7 @@ def slot_sharding(num_slots_: int, mesh: Mesh, slot: int) -> NamedSharding:
   the first device's copy (replica 0, the one orbax writes) holds the state, the
   other processes contribute zeros that are never written or read.
   """
-  rows = mesh.shape[CATEGORY_AXIS]
-  device = mesh.devices[slot // (num_slots_ // rows), 0]
+  device = slot_device(mesh, num_slots_, slot)
   others = {}
   for d in mesh.devices.flat:
     if d.process_index != device.process_index:
@@ -254,11 +260,7 @@ def slot_sharding(num_slots_: int, mesh: Mesh, slot: int) -> NamedSharding:
 
 def slot_owner(num_slots_: int, mesh: Mesh, slot: int) -> int:
   """The index of the process that holds ``slot``."""
-  return slot_device(slot_sharding(num_slots_, mesh, slot)).process_index
-
-
-def slot_device(sharding: NamedSharding) -> jax.Device:
-  return sharding.mesh.devices.flat[0]
+  return slot_device(mesh, num_slots_, slot).process_index
 
 
 def slot_state(tree: Any, slot: int, sharding: NamedSharding) -> Any:
@@ -268,7 +270,7 @@ def slot_state(tree: Any, slot: int, sharding: NamedSharding) -> Any:
   passes its data, every other process zeros on its device (see
   ``slot_sharding``).
   """
-  owner = slot_device(sharding)
+  owner = sharding.mesh.devices.flat[0]
   local = [d for d in sharding.mesh.devices.flat if d.process_index == jax.process_index()]
 
   def take(x):
@@ -281,6 +283,45 @@ def slot_state(tree: Any, slot: int, sharding: NamedSharding) -> Any:
     return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, arrays)
 
   return jax.tree.map(take, tree)
+
+
+def set_local_slot(tree: Any, slot: int, value: Any) -> Any:
+  """``tree`` with slot ``slot`` replaced by ``value`` (a job's state entering its slot).
+
+  Only this process's shards are touched (each device that holds the slot gets
+  ``value``; every other shard is reused as is), so nothing is compiled for the
+  whole mesh and no other process takes part. A no-op on processes that do not
+  hold the slot.
+  """
+
+  def put(x, v):
+    v = np.asarray(v, dtype=x.dtype)
+    arrays = []
+    for shard in x.addressable_shards:
+      start, stop, _ = shard.index[0].indices(x.shape[0])
+      data = shard.data
+      if start <= slot < stop:
+        data = data.at[slot - start].set(jax.device_put(v, shard.device))
+      arrays.append(data)
+    return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
+
+  return jax.tree.map(put, tree, value)
+
+
+def device_copies(tree: Any) -> dict[jax.Device, Any]:
+  """{device: this process's copy of a replicated tree on that device}."""
+  leaves, treedef = jax.tree.flatten(tree)
+  per_device: dict[jax.Device, list] = {}
+  for leaf in leaves:
+    for shard in leaf.addressable_shards:
+      per_device.setdefault(shard.device, []).append(shard.data)
+  return {d: treedef.unflatten(v) for d, v in per_device.items()}
+
+
+def slot_device(mesh: Mesh, num_slots_: int, slot: int) -> jax.Device:
+  """The (first) device that holds ``slot``."""
+  rows = mesh.shape[CATEGORY_AXIS]
+  return mesh.devices[slot // (num_slots_ // rows), 0]
 
 
 def put_stacked(tree: Any, mesh: Mesh) -> Any:
