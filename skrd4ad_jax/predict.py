@@ -58,7 +58,7 @@ from skrd4ad_jax.evaluation.prediction_output import (  # noqa: F401 (the module
   stored_thresholds,
   write_predictions,
 )
-from skrd4ad_jax.training import checkpoints, train
+from skrd4ad_jax.training import checkpoints, schedule, train
 
 FLAGS = flags.FLAGS
 
@@ -79,16 +79,6 @@ def trained_categories(workdir: str) -> list[str]:
     if checkpoints.make_manager(workdir, name, read_only=True).latest_step() is not None:
       found.append(name)
   return found
-
-
-def trained_categories_at(workdir: str, names: Sequence[str]) -> list[str]:
-  """Those of ``names`` (possibly nested, ``a/seed_1``) with a complete checkpoint."""
-  return [
-    name
-    for name in names
-    if os.path.isdir(checkpoints.checkpoint_dir(workdir, name))
-    and checkpoints.make_manager(workdir, name, read_only=True).latest_step() is not None
-  ]
 
 
 def resolve_category(workdir: str, category: str | None) -> str:
@@ -118,8 +108,7 @@ def resolve_category(workdir: str, category: str | None) -> str:
       f"a checkpoint there?{hint}"
     )
   if category:
-    # A nested name (a multi-seed run's "<category>/seed_<k>") is not listed.
-    if category not in found and category not in trained_categories_at(workdir, [category]):
+    if category not in found:
       raise PredictError(
         f"Category {category!r} was not trained in {workdir}; trained "
         f"categories: {', '.join(found)}."
@@ -131,6 +120,31 @@ def resolve_category(workdir: str, category: str | None) -> str:
       "choose one with --category=NAME."
     )
   return found[0]
+
+
+def resolve_job(workdir: str, category: str | None, seed: int = 0) -> str:
+  """The job (folder) of ``category``'s seed ``seed``: the category, or ``<category>/seed_<k>``.
+
+  Raises:
+    PredictError: as ``resolve_category``, or a seed that was not trained.
+  """
+  category = resolve_category(workdir, category)
+  if not seed:
+    return category
+  job = schedule.job_name(category, int(seed))
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  manager = checkpoints.make_manager(workdir, job, read_only=True)
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir, job)) or manager.latest_step() is None:
+    trained = sorted(
+      int(d[len("seed_") :])
+      for d in os.listdir(os.path.join(workdir, category))
+      if d.startswith("seed_") and d[len("seed_") :].isdigit()
+    )
+    raise PredictError(
+      f"Seed {seed} of {category!r} was not trained in {workdir}; seeds there: "
+      f"{', '.join(map(str, [0] + trained))} (config.train.seeds of the run)."
+    )
+  return job
 
 
 # ---------------------------------------------------------------------------
@@ -252,10 +266,14 @@ class Predictor(ThresholdedPredictor):
     image_size: side of the network input.
   """
 
-  def __init__(self, workdir: str, category: str | None = None):
-    """Restores the latest checkpoint of ``category`` (see ``resolve_category``)."""
+  def __init__(self, workdir: str, category: str | None = None, seed: int = 0):
+    """Restores the latest checkpoint of ``category``'s seed ``seed`` (``resolve_job``).
+
+    ``self.category`` is then the job's name: the category for seed 0,
+    ``<category>/seed_<k>`` otherwise.
+    """
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.category = resolve_category(self.workdir, category)
+    self.category = resolve_job(self.workdir, category, seed)
     manager = checkpoints.make_manager(self.workdir, self.category, read_only=True)
     # An unreadable latest checkpoint is reported (once) and the newest readable one used.
     reported = set()
@@ -304,10 +322,10 @@ class Predictor(ThresholdedPredictor):
       self.config.model.teacher,
       self.config.model.teacher_weights,
       image_size=int(self.config.data.image_size),
-      seed=int(self.config.seed),
     )
-    # The trainer evaluates with this key; the same key gives the same scores.
-    self.rng = jax.random.PRNGKey(int(self.config.seed))
+    # The trainer evaluates a job with its own seed's key; the same key gives the
+    # same scores (MRKD's test-time masks draw from it).
+    self.rng = jax.random.PRNGKey(int(meta.get("seed", self.config.seed)))
 
   def predict(self, paths: Sequence[str], batch_size: int | None = None) -> Iterator[ImageResult]:
     """Predicts ``paths`` in order, streamed in batches.
@@ -369,6 +387,9 @@ def define_flags() -> None:
   """The command-line flags (defined on demand: ``main.py`` also has --workdir)."""
   flags.DEFINE_string("workdir", None, "Training run directory (the --workdir of main).")
   flags.DEFINE_string("category", None, "Category to use; optional when the run has one.")
+  flags.DEFINE_integer(
+    "seed", 0, "Which seed's model (and stored thresholds) of a multi-seed run (0 = the first)."
+  )
   flags.DEFINE_string(
     "input",
     None,
@@ -406,6 +427,7 @@ def run(
   save_masks: bool = False,
   batch_size: int | None = None,
   log=print,
+  seed: int = 0,
 ) -> dict[str, Any]:
   """The command line's work: resolve, restore, predict, write; see module doc.
 
@@ -414,8 +436,9 @@ def run(
       category, no image at ``input_path``, every image unreadable).
   """
   category = resolve_category(workdir, category)  # Fails before any image listing.
+  resolve_job(workdir, category, seed)
   paths = input_images(input_path, output)
-  predictor = Predictor(workdir, category)
+  predictor = Predictor(workdir, category, seed)
   log(f"[{predictor.category}] checkpoint step {predictor.step}; {predictor.describe_thresholds()}")
   log(f"[{predictor.category}] predicting {len(paths)} image(s) into {output}")
   summary = write_predictions(predictor, paths, output, batch_size or None, save_masks, log)
@@ -445,6 +468,7 @@ def main(argv):
       FLAGS.save_masks,
       FLAGS.batch_size,
       log=lambda s: print(s, flush=True),
+      seed=FLAGS.seed,
     )
   except (folder.DatasetError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -38,6 +38,7 @@ CATEGORIES = ("brick", "grass", "gravel")
 NUM_TRAIN = {"brick": 11, "grass": 8, "gravel": 5}
 EPOCHS = 6
 EXPECTED_STEPS = {"brick": 24, "grass": 18, "gravel": 12}
+SEED_CATEGORIES = ("brick", "gravel")
 PARAM_ATOL = 1e-4  # float32
 METRIC_ATOL = 5e-4  # "equal to three decimals"
 METRICS = (
@@ -357,7 +358,38 @@ def _resume_worker(spec):
   return out
 
 
-WORKERS = {"train": _train_worker, "step": _step_worker, "resume": _resume_worker}
+def _seeds_worker(spec):
+  """Two seeds of two categories on 2 devices, then each seed alone (single-seed runs)."""
+  import functools
+
+  import jax
+
+  from skrd4ad_jax.training import parallel, trainer
+
+  make_mesh = parallel.make_mesh
+  base_seed = tiny_config(SEED_CATEGORIES, spec["data_root"]).seed
+  runs = [
+    ("seeds", 2, base_seed, 2, {"eval.save_pictures": True}),
+    ("seed_0_alone", 1, base_seed, 1, {}),
+    ("seed_1_alone", 1, base_seed + 1, 1, {}),
+  ]
+  for name, seeds, seed, devices, extra in runs:
+    parallel.make_mesh = functools.partial(make_mesh, devices=jax.devices()[:devices])
+    try:
+      config = tiny_config(SEED_CATEGORIES, spec["data_root"], **{"train.seeds": seeds, **extra})
+      config.seed = seed
+      trainer.train_and_evaluate(config, os.path.join(spec["base"], name))
+    finally:
+      parallel.make_mesh = make_mesh
+  return {}
+
+
+WORKERS = {
+  "train": _train_worker,
+  "step": _step_worker,
+  "resume": _resume_worker,
+  "seeds": _seeds_worker,
+}
 
 
 def cpu_env(num_devices, **extra):
@@ -577,6 +609,58 @@ def test_resume_continues_and_finished_run_only_reevaluates(data_root, cache_dir
   assert again["train_seconds"] == resumed["train_seconds"]
   for m in METRICS:
     assert again["metrics"][m] == pytest.approx(resumed["metrics"][m], abs=1e-6), m
+
+
+def test_seed_k_of_a_multi_seed_run_is_the_single_seed_run_with_seed_plus_k(
+  data_root, cache_dir, tmp_path
+):
+  run_worker("seeds", {"data_root": data_root, "base": str(tmp_path)}, tmp_path, cache_dir)
+  config = tiny_config(SEED_CATEGORIES, data_root)
+  seeds = tmp_path / "seeds"
+  for c in SEED_CATEGORIES:
+    for k in (0, 1):
+      job = c if k == 0 else f"{c}/seed_{k}"
+      state, meta = restore_final(str(seeds), job, config)
+      alone, alone_meta = restore_final(str(tmp_path / f"seed_{k}_alone"), c, config)
+      assert meta["seed"] == config.seed + k and meta["job"] == job
+      assert tree_digest(state.params) == tree_digest(alone.params), job
+      assert tree_digest(state.batch_stats) == tree_digest(alone.batch_stats), job
+      assert meta["metrics"] == alone_meta["metrics"], job
+      assert glob.glob(str(seeds / job / "events.out.tfevents.*")), job
+    # predict (and export) pick a seed's model and its own stored thresholds.
+    from skrd4ad_jax import predict
+
+    for k in (0, 1):
+      job = c if k == 0 else f"{c}/seed_{k}"
+      predictor = predict.Predictor(str(seeds), c, seed=k)
+      _, meta = restore_final(str(seeds), job, config)
+      assert predictor.category == job and predictor.step == meta["step"]
+      assert predictor.thresholds["image_threshold"] == meta["thresholds"]["image_threshold"]
+    with pytest.raises(predict.PredictError, match="Seed 2 of"):
+      predict.Predictor(str(seeds), c, seed=2)
+    # Pictures of seed 0 only (by default).
+    assert glob.glob(str(seeds / c / "images" / "test" / "*" / "*.png"))
+    assert not os.path.exists(seeds / c / "seed_1" / "images")
+  with open(seeds / "results_per_seed.csv", newline="") as f:
+    per_seed = list(csv.DictReader(f))
+  assert sorted((r["category"], int(r["seed"])) for r in per_seed) == sorted(
+    (c, config.seed + k) for c in SEED_CATEGORIES for k in (0, 1)
+  )
+  with open(seeds / "results.csv", newline="") as f:
+    rows = {r["category"]: r for r in csv.DictReader(f)}
+  for c in SEED_CATEGORIES:
+    values = [float(r["image_auroc"]) for r in per_seed if r["category"] == c]
+    assert int(rows[c]["n_seeds"]) == 2
+    assert float(rows[c]["image_auroc"]) == pytest.approx(np.mean(values))
+    assert float(rows[c]["image_auroc_std"]) == pytest.approx(np.std(values, ddof=1))
+  # The overall spread: std over seeds of the per-seed means over categories.
+  per_seed_means = [
+    np.mean([float(r["pixel_auroc"]) for r in per_seed if int(r["seed"]) == config.seed + k])
+    for k in (0, 1)
+  ]
+  assert float(rows["mean"]["pixel_auroc_std"]) == pytest.approx(np.std(per_seed_means, ddof=1))
+  assert "±" in (seeds / "results.md").read_text()
+  shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_benchmark_runs_without_tensorflow(tmp_path):

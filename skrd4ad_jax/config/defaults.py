@@ -23,7 +23,8 @@ def get_config():
   config.model.name = "sk_rd4ad"
   # Frozen teacher: 'wide_resnet50_2' (the papers'), 'resnet50', 'resnet18', 'vgg16_hed'.
   config.model.teacher = "wide_resnet50_2"
-  # '' = the default location ($SKRD4AD_CACHE/teachers), 'random' = random init, or a path.
+  # '' = the default location ($SKRD4AD_CACHE/teachers), 'random' = a fixed random init
+  # (seed 0, whatever config.seed: the frozen teacher is the same for every seed), or a path.
   config.model.teacher_weights = ""
   # -1: by model name (sk_rd4ad on, rd4ad off); 0/1 forces the SK-RD4AD skips off/on.
   config.model.skip_connections = -1

@@ -46,40 +46,34 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 VERIFY_IMAGES = 8
 
 
-def category_name(category: str, seed: int) -> str:
-  """The checkpoint folder of ``category``'s seed ``seed`` (multi-seed runs)."""
-  if int(seed) < 0:
-    raise ExportError(f"--seed must be >= 0, got {seed}.")
-  return category if int(seed) == 0 else f"{category}/seed_{int(seed)}"
-
-
 def load_finished(workdir: str, category: str | None, seed: int = 0):
-  """The ``predict.Predictor`` of a category whose training finished.
+  """The ``predict.Predictor`` of a category (and seed) whose training finished.
+
+  Seed k > 0 of a multi-seed run is the job ``<category>/seed_<k>``.
 
   Raises:
-    ExportError: no run or checkpoint, or the latest checkpoint is not final.
+    ExportError: no run or checkpoint, an untrained seed, or a latest
+      checkpoint that is not final.
   """
   from skrd4ad_jax import predict
-
-  name = category_name(category, seed) if category else None
-  try:
-    name = predict.resolve_category(workdir, name)
-  except predict.PredictError as e:
-    raise ExportError(str(e)) from None
   from skrd4ad_jax.training import checkpoints
 
+  if int(seed) < 0:
+    raise ExportError(f"--seed must be >= 0, got {seed}.")
+  try:
+    name = predict.resolve_job(workdir, category, int(seed))
+  except predict.PredictError as e:
+    raise ExportError(str(e)) from None
   manager = checkpoints.make_manager(workdir, name, read_only=True)
-  step = manager.latest_step()
-  meta = checkpoints.restore_meta(manager, step) or {}
+  meta = checkpoints.restore_meta(manager) or {}
   if not meta.get("final") or not meta.get("thresholds"):
-    total = meta.get("total_steps", "?")
     raise ExportError(
-      f"The latest checkpoint of {name!r} in {os.path.abspath(workdir)} (step {step} of "
-      f"{total}) is not a finished one (no final evaluation, no thresholds). Fix: finish "
-      "training (rerun python -m skrd4ad_jax.main with the same --workdir; it resumes) "
-      "and export again."
+      f"The latest checkpoint of {name!r} in {os.path.abspath(workdir)} (step "
+      f"{meta.get('step', manager.latest_step())} of {meta.get('total_steps', '?')}) is not a "
+      "finished one (no final evaluation, no thresholds). Fix: finish training (rerun "
+      "python -m skrd4ad_jax.main with the same --workdir; it resumes) and export again."
     )
-  return predict.Predictor(workdir, name)
+  return predict.Predictor(workdir, category, int(seed))
 
 
 # ---------------------------------------------------------------------------

@@ -289,7 +289,6 @@ class Trainer:
       config.model.teacher,
       config.model.teacher_weights,
       image_size=int(config.data.image_size),
-      seed=int(config.seed),
     )
     self.eval_step = train.jitted_eval_step(self.method)
     self.host = HostWork(background=jax.process_count() == 1)
