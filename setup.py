@@ -38,5 +38,7 @@ setup(
     # Oracles only: torch/torchvision are never imported at run time. Pin both:
     # an unpinned torchvision pulls a CUDA torch and several GB of packages.
     "test": ["pytest", "ruff==0.17.6", "torch==2.13.0", "torchvision==0.28.0"],
+    # Deployment export (python -m skrd4ad_jax.export): ONNX writing and running.
+    "export": ["onnx==1.23.2", "onnxruntime==1.31.1"],
   },
 )

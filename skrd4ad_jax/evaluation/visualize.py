@@ -1,8 +1,10 @@
 """Heat-map pictures: image, overlay and anomaly map side by side, contours.
 
-Host-side numpy / scikit-image / Pillow only (no matplotlib, no jax), so the
-pictures can be written from the evaluation loop, from inference on a folder of
-new images, or handed to a TensorBoard image summary via ``picture_grid``.
+Host-side numpy and Pillow only (no matplotlib, no jax), so the pictures can be
+written from the evaluation loop, from inference on a folder of new images
+(also by the JAX-free runner of exported models), or handed to a TensorBoard
+image summary via ``picture_grid``. scikit-image is imported only to resize a
+map or mask whose size differs from the image's.
 
 A picture is one horizontal strip::
 
@@ -26,7 +28,6 @@ import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from skimage import segmentation, transform
 
 from skrd4ad_jax import normalization
 
@@ -106,6 +107,33 @@ def denormalize(
   return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _cross_neighbourhood(region: np.ndarray, reduce) -> np.ndarray:
+  """``reduce`` (np.logical_or / np.logical_and) of a pixel and its 4 neighbours.
+
+  The border is replicated, as scikit-image's grey dilation / erosion
+  (``mode='reflect'``, one pixel deep) do.
+  """
+  p = np.pad(region, 1, mode="edge")
+  out = reduce(p[1:-1, 1:-1], p[:-2, 1:-1])
+  for neighbour in (p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]):
+    out = reduce(out, neighbour)
+  return out
+
+
+def find_boundaries(region: np.ndarray, mode: str) -> np.ndarray:
+  """``skimage.segmentation.find_boundaries`` of a bool mask, modes 'inner' and 'outer'.
+
+  Connectivity 1: 'inner' are the mask pixels with a background 4-neighbour,
+  'outer' the background pixels with a mask 4-neighbour.
+  """
+  region = np.asarray(region, bool)
+  if mode == "inner":
+    return region & ~_cross_neighbourhood(region, np.logical_and)
+  if mode == "outer":
+    return ~region & _cross_neighbourhood(region, np.logical_or)
+  raise ValueError(f"mode must be 'inner' or 'outer', got {mode!r}.")
+
+
 def contour(mask: np.ndarray, thickness: int = 2, inside: bool = False) -> np.ndarray:
   """Returns the boundary ring of a binary mask.
 
@@ -123,10 +151,10 @@ def contour(mask: np.ndarray, thickness: int = 2, inside: bool = False) -> np.nd
   ring = np.zeros_like(region)
   for _ in range(max(int(thickness), 1)):
     if inside:
-      step = segmentation.find_boundaries(region, mode="inner") & region
+      step = find_boundaries(region, mode="inner") & region
       region = region & ~step
     else:
-      step = segmentation.find_boundaries(region, mode="outer") & ~region
+      step = find_boundaries(region, mode="outer") & ~region
       region = region | step
     ring |= step
   return ring
@@ -161,6 +189,8 @@ def _fit(
     raise ValueError(f"{name} must be [H, W], got shape {array.shape}.")
   if array.shape == shape:
     return array
+  from skimage import transform  # Only here: predict and the runner never resize.
+
   if order == 0:
     return transform.resize(array.astype(np.float32), shape, order=0, anti_aliasing=False) >= 0.5
   return transform.resize(
