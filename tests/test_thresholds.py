@@ -129,10 +129,13 @@ def test_normal_only_threshold_is_the_quantile():
     list(np.random.default_rng(3).random(7)),
   ],
 )
-def test_normal_only_threshold_never_flags_every_normal_image(scores):
-  scores = np.asarray(scores)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normal_only_threshold_never_flags_every_normal_image(scores, dtype):
+  scores = np.asarray(scores, dtype)
   threshold = thresholds.normal_only_threshold(scores)
+  # Compared as predict and the exported models compare: in the scores' precision.
   assert not np.all(scores >= threshold)
+  assert not np.all(scores >= np.asarray(threshold, dtype))
   assert threshold >= np.quantile(scores, 0.99)
 
 

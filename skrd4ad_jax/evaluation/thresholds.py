@@ -236,7 +236,10 @@ def normal_only_threshold(scores, quantile=0.99):
     raise ValueError("normal_only_threshold needs at least one score.")
   threshold = np.quantile(scores.astype(np.float64), quantile)
   if threshold <= scores.min():
-    threshold = np.nextafter(np.float64(scores.max()), np.inf)
+    # The next value above the largest score in the scores' own precision: float32
+    # scores compared with a threshold just above in float64 would round it back down.
+    top = scores.max()
+    threshold = np.nextafter(top, np.asarray(np.inf, top.dtype))
   return float(threshold)
 
 
