@@ -303,25 +303,10 @@ class Trainer:
   # -- set-up ---------------------------------------------------------------
 
   def _check_config(self) -> None:
-    cfg = self.config
-    try:
-      from skrd4ad_jax.config import validation
-    except ImportError:  # validation lands separately; the checks below always hold
-      validation = None
-    if validation is not None:
-      validation.validate(cfg)
-    if cfg.thresholds.source not in ("val", "test"):
-      raise ValueError(
-        f"config.thresholds.source={cfg.thresholds.source!r}: use 'val' "
-        "(held-out normal training images) or 'test'."
-      )
-    if cfg.thresholds.source == "val" and not float(cfg.data.val_fraction) > 0:
-      raise ValueError(
-        "config.thresholds.source='val' needs config.data.val_fraction > 0 "
-        "(or set config.thresholds.source='test')."
-      )
-    if int(cfg.train.get("seeds", 1)) < 1:
-      raise ValueError(f"config.train.seeds must be >= 1, got {cfg.train.seeds}.")
+    """The whole config, up front: one ``ConfigError`` listing every problem."""
+    from skrd4ad_jax.config import validation
+
+    validation.validate(self.config)
 
   def _host_workers(self) -> int:
     workers = int(self.config.data.get("host_workers", 0))
@@ -661,7 +646,7 @@ class Trainer:
     self.prefetcher.forget(job.name)
     job.input = None
     if job.done:
-      if job.total_steps == 0:
+      if job.total_steps == 0 and not (self.eval_only or job.kept_meta):
         logging.warning("[%s] evaluated without training (a zero step budget).", job.name)
       self.save(job, slot, stacked, final=True)
     else:
