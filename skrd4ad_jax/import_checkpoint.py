@@ -1,7 +1,7 @@
 """Official PyTorch checkpoints in: RD4AD, SK-RD4AD, MRKD and RD with Expert.
 
   python -m skrd4ad_jax.import_checkpoint --method=sk_rd4ad \
-      --checkpoint=wide_res50bottle2001110sample_auc=1.0.pth --category=bottle \
+      --checkpoint=wide_res50bottle200111sample_auc=1.0.pth --category=bottle \
       --workdir=runs/official [--teacher_weights=FILE] [--config=configs/mvtec.py]
 
 reads a checkpoint exactly as the official training script saves it, maps every

@@ -1,17 +1,22 @@
 """PyTorch checkpoints read with numpy alone: no torch, and no pickled code is ever run.
 
-A ``.pth`` written by ``torch.save`` (torch >= 1.6, the zip format) is a zip
+``torch.save`` has written two formats. Since torch 1.6 a ``.pth`` is a zip
 archive holding ``<name>/data.pkl``, a pickle of the saved object in which every
 tensor is a call ``torch._utils._rebuild_tensor_v2(storage, offset, size,
 stride, ...)`` and every storage a persistent id ``('storage', FloatStorage,
-key, location, numel)`` whose bytes are the member ``<name>/data/<key>``. It
-is read here by a restricted ``pickle.Unpickler``: ``find_class`` resolves only
+key, location, numel)`` whose bytes are the member ``<name>/data/<key>``. Before
+1.6 (torchvision's ``wide_resnet50_2-95faca4d.pth`` among others) the file is a
+stream: pickles of a magic number, the protocol version and system facts, the
+same kind of object pickle, the list of storage keys, then every storage as an
+int64 element count and its bytes.
+
+Both are read by a restricted ``pickle.Unpickler``: ``find_class`` resolves only
 the handful of names that torch's own ``weights_only`` loader allows for
 tensors and containers (the rebuild functions, storage and dtype names,
 ``collections.OrderedDict``, ``torch.Size``, ...), each mapped to a small numpy
 builder, and refuses everything else with a message naming the global. A
 malicious pickle (``os.system``, ``builtins.eval``, a custom class) is refused
-before anything is called.
+before anything is called. torch < 0.4's tar format is not read.
 
 A ``.safetensors`` file (an 8-byte header length, a JSON header, raw
 little-endian data) is parsed directly, so that bfloat16 tensors, which
@@ -36,6 +41,7 @@ import os
 import pathlib
 import pickle
 import struct
+import tarfile
 from typing import Any
 import zipfile
 
@@ -97,6 +103,11 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# The first pickles of a legacy (torch < 1.6) torch.save stream.
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+
 class CheckpointFormatError(ValueError):
   """A file that is not a readable checkpoint of the expected format."""
 
@@ -132,12 +143,25 @@ class _DType:
     return f"torch.{self.name}"
 
 
-class _Storage:
-  """A storage's raw bytes as a flat array of its dtype (uint16 for bfloat16)."""
+class _StorageRef:
+  """A storage named by a persistent id; its bytes are read after the pickle."""
 
-  def __init__(self, data: np.ndarray, dtype):
-    self.data = data
-    self.dtype = dtype
+  def __init__(self, key: str, dtype, numel: int | None, view_offset: int = 0):
+    self.key = key
+    self.dtype = dtype  # the storage's element type ("bfloat16" for its uint16 bits)
+    self.numel = numel
+    self.view_offset = view_offset  # legacy storage views start inside their root
+
+
+class _LazyTensor:
+  """A tensor of the pickle, built once every storage has been read."""
+
+  def __init__(self, storage: _StorageRef, offset, size, stride, dtype=None):
+    self.storage = storage
+    self.offset = int(offset) + storage.view_offset
+    self.size = tuple(int(n) for n in size)
+    self.stride = tuple(int(n) for n in stride)
+    self.dtype = dtype  # None: the storage's dtype (typed storages)
 
 
 class _Marker:
@@ -147,27 +171,24 @@ class _Marker:
     self.name = name
 
 
-def _strided(storage: _Storage, offset, size, stride, dtype, path: str) -> np.ndarray:
-  """A copy of the tensor ``storage[offset + sum(i_k * stride_k)]``, bounds-checked."""
-  size = tuple(int(s) for s in size)
-  stride = tuple(int(s) for s in stride)
-  offset = int(offset)
-  flat = storage.data
-  if dtype is None:  # a typed storage: the tensor has the storage's dtype
-    dtype = storage.dtype
-  elif _storage_dtype(dtype) != flat.dtype:  # bytes of an untyped storage
+def _build(tensor: _LazyTensor, storages: Mapping[str, np.ndarray], path: str) -> np.ndarray:
+  """A copy of ``storage[offset + sum(i_k * stride_k)]``, every index bounds-checked."""
+  flat = storages[tensor.storage.key]
+  dtype = tensor.dtype if tensor.dtype is not None else tensor.storage.dtype
+  if _storage_dtype(dtype) != flat.dtype:  # bytes of an untyped storage
     itemsize = _storage_dtype(dtype).itemsize
     if flat.dtype != np.uint8 or flat.size % itemsize:
       raise CheckpointFormatError(f"{path}: a tensor's dtype does not fit its storage.")
     flat = flat.view(_storage_dtype(dtype))
-  if len(size) != len(stride) or any(s < 0 for s in size + stride) or offset < 0:
+  size, stride, offset = tensor.size, tensor.stride, tensor.offset
+  if len(size) != len(stride) or min((*size, *stride, offset), default=0) < 0:
     raise CheckpointFormatError(
       f"{path}: a tensor has an invalid size {size} / stride {stride} / offset {offset}."
     )
   if 0 in size:
     out = np.zeros(size, flat.dtype)
   else:
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
     if last >= flat.size:
       raise CheckpointFormatError(
         f"{path}: a tensor of size {size} reaches element {last} of a storage of "
@@ -175,35 +196,56 @@ def _strided(storage: _Storage, offset, size, stride, dtype, path: str) -> np.nd
       )
     item = flat.dtype.itemsize
     out = np.lib.stride_tricks.as_strided(
-      flat[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+      flat[offset:], shape=size, strides=tuple(st * item for st in stride), writeable=False
     ).copy()
   return _widen_bfloat16(out) if dtype == "bfloat16" else out
 
 
-class _WeightsUnpickler(pickle.Unpickler):
-  """Unpickles ``data.pkl`` of a torch zip checkpoint with an allow-list of globals."""
+def _materialize(obj: Any, storages: Mapping[str, np.ndarray], path: str) -> Any:
+  """The unpickled object with every ``_LazyTensor`` replaced by its numpy array."""
+  if isinstance(obj, _LazyTensor):
+    return _build(obj, storages, path)
+  if isinstance(obj, dict):
+    out = type(obj)() if type(obj) in (dict, collections.OrderedDict) else {}
+    for k, v in obj.items():
+      out[k] = _materialize(v, storages, path)
+    return out
+  if isinstance(obj, list):
+    return [_materialize(v, storages, path) for v in obj]
+  if isinstance(obj, tuple):
+    return tuple(_materialize(v, storages, path) for v in obj)
+  return obj
 
-  def __init__(self, file, zf: zipfile.ZipFile, prefix: str, byteorder: str, path: str):
+
+class _WeightsUnpickler(pickle.Unpickler):
+  """Unpickles a torch checkpoint's pickle with an allow-list of globals.
+
+  Tensors come out as ``_LazyTensor`` and storages as ``_StorageRef``
+  (``self.storages``, by key); ``_materialize`` builds the arrays afterwards.
+  """
+
+  def __init__(self, file, path: str):
     super().__init__(file)
-    self._zf = zf
-    self._prefix = prefix
-    self._byteorder = "<" if byteorder == "little" else ">"
     self._path = path
-    self._storages: dict[str, _Storage] = {}
+    self.storages: dict[str, _StorageRef] = {}
     self._allowed = self._allowed_globals()
 
   def _allowed_globals(self) -> dict[str, Any]:
     path = self._path
 
-    def rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
-      del requires_grad, hooks, metadata
-      return _strided(storage, offset, size, stride, None, path)
+    def rebuild_tensor(storage, offset, size, stride, *rest):
+      # _rebuild_tensor(storage, offset, size, stride) and _rebuild_tensor_v2(...,
+      # requires_grad, backward_hooks[, metadata]): the rest is autograd state.
+      del rest
+      if not isinstance(storage, _StorageRef):
+        raise CheckpointFormatError(f"{path}: a tensor without a storage ({storage!r}).")
+      return _LazyTensor(storage, offset, size, stride)
 
     def rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, meta=None):
       del requires_grad, hooks, meta
-      if not isinstance(dtype, _DType):
+      if not isinstance(dtype, _DType) or not isinstance(storage, _StorageRef):
         raise CheckpointFormatError(f"{path}: a tensor with dtype {dtype!r} is not supported.")
-      return _strided(storage, offset, size, stride, dtype.dtype, path)
+      return _LazyTensor(storage, offset, size, stride, dtype.dtype)
 
     def rebuild_parameter(data, requires_grad, hooks, state=None):
       del requires_grad, hooks, state
@@ -212,7 +254,7 @@ class _WeightsUnpickler(pickle.Unpickler):
     def rebuild_from_type_v2(func, new_type, args, state):
       # A tensor subclass (e.g. a whole nn.Parameter): build the plain tensor.
       del new_type, state
-      if func not in (rebuild_tensor_v2, rebuild_tensor_v3, rebuild_parameter):
+      if func not in (rebuild_tensor, rebuild_tensor_v3, rebuild_parameter):
         raise CheckpointFormatError(f"{path}: unsupported tensor rebuild function {func!r}.")
       return func(*args)
 
@@ -222,7 +264,8 @@ class _WeightsUnpickler(pickle.Unpickler):
     allowed: dict[str, Any] = {
       "collections.OrderedDict": collections.OrderedDict,
       "collections.Counter": collections.Counter,
-      "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
+      "torch._utils._rebuild_tensor": rebuild_tensor,
+      "torch._utils._rebuild_tensor_v2": rebuild_tensor,
       "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
       "torch._utils._rebuild_parameter": rebuild_parameter,
       "torch._utils._rebuild_parameter_with_state": rebuild_parameter,
@@ -257,27 +300,21 @@ class _WeightsUnpickler(pickle.Unpickler):
       f"dicts, lists and numbers are read, and no code from a checkpoint is run{hint}."
     )
 
-  def persistent_load(self, pid) -> _Storage:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-      raise CheckpointFormatError(f"{self._path}: unknown persistent id {pid!r} in data.pkl.")
-    _, storage_type, key, _location, _numel = pid
+  def persistent_load(self, pid) -> _StorageRef:
+    # zip: ('storage', type, key, location, numel); legacy: the same + view_metadata.
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+      raise CheckpointFormatError(f"{self._path}: unknown persistent id {pid!r} in the pickle.")
+    storage_type, key, numel = pid[1], str(pid[2]), pid[4]
     if not isinstance(storage_type, _StorageType):
       raise CheckpointFormatError(f"{self._path}: unknown storage type {storage_type!r}.")
-    key = str(key)
-    if key not in self._storages:
-      member = f"{self._prefix}/data/{key}"
-      try:
-        raw = self._zf.read(member)
-      except KeyError:
-        raise CheckpointFormatError(
-          f"{self._path}: storage {member!r} is missing (truncated or damaged file)."
-        ) from None
-      dtype = _storage_dtype(storage_type.dtype).newbyteorder(self._byteorder)
-      if len(raw) % dtype.itemsize:
-        raise CheckpointFormatError(f"{self._path}: storage {member!r} has a partial element.")
-      data = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=False)
-      self._storages[key] = _Storage(data, storage_type.dtype)
-    return self._storages[key]
+    if key not in self.storages:
+      self.storages[key] = _StorageRef(key, storage_type.dtype, int(numel))
+    root = self.storages[key]
+    view = pid[5] if len(pid) == 6 else None
+    if view is None:
+      return root
+    _, view_offset, _ = view  # a legacy storage view: (view_key, offset, size)
+    return _StorageRef(key, root.dtype, root.numel, int(view_offset))
 
 
 def _check_readable(path: pathlib.Path) -> None:
@@ -285,8 +322,86 @@ def _check_readable(path: pathlib.Path) -> None:
     raise FileNotFoundError(f"Checkpoint not found: {path}")
 
 
+def _read_zip(path: pathlib.Path) -> Any:
+  with zipfile.ZipFile(path) as zf:
+    names = zf.namelist()
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+      raise CheckpointFormatError(
+        f"{path}: a zip archive but not a torch.save checkpoint (expected one "
+        f"'<name>/data.pkl', found {len(pickles)})."
+      )
+    prefix = pickles[0].split("/")[0]
+    order = "<"
+    if f"{prefix}/byteorder" in names:
+      byteorder = zf.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
+      if byteorder not in ("little", "big"):
+        raise CheckpointFormatError(f"{path}: unknown byte order {byteorder!r}.")
+      order = "<" if byteorder == "little" else ">"
+    with zf.open(pickles[0]) as pkl:
+      unpickler = _WeightsUnpickler(pkl, str(path))
+      obj = unpickler.load()
+    storages = {}
+    for key, ref in unpickler.storages.items():
+      member = f"{prefix}/data/{key}"
+      if member not in names:
+        raise CheckpointFormatError(
+          f"{path}: storage {member!r} is missing (truncated or damaged file)."
+        )
+      storages[key] = _frombuffer(zf.read(member), ref.dtype, order, f"{path}: storage {member!r}")
+  return _materialize(obj, storages, str(path))
+
+
+def _frombuffer(raw: bytes, dtype, order: str, what: str) -> np.ndarray:
+  dt = _storage_dtype(dtype).newbyteorder(order)
+  if len(raw) % dt.itemsize:
+    raise CheckpointFormatError(f"{what} has a partial element.")
+  return np.frombuffer(raw, dt).astype(dt.newbyteorder("="), copy=False)
+
+
+def _read_legacy(path: pathlib.Path) -> Any:
+  """torch.save's format before 1.6: pickles of a magic number, the protocol, system
+  facts and the object, the storage keys, then each storage as an int64 element
+  count followed by its little-endian bytes."""
+  with open(path, "rb") as f:
+
+    def plain():
+      return _WeightsUnpickler(f, str(path)).load()
+
+    if plain() != LEGACY_MAGIC_NUMBER:
+      raise CheckpointFormatError(
+        f"{path}: a pickle file, not a PyTorch checkpoint (expected the archive torch.save writes)."
+      )
+    if plain() != LEGACY_PROTOCOL_VERSION:
+      raise CheckpointFormatError(f"{path}: unknown legacy torch.save protocol version.")
+    sys_info = plain()
+    if not (isinstance(sys_info, dict) and sys_info.get("little_endian", True)):
+      raise CheckpointFormatError(f"{path}: a big-endian legacy checkpoint is not supported.")
+    unpickler = _WeightsUnpickler(f, str(path))
+    obj = unpickler.load()
+    keys = plain()
+    if not isinstance(keys, list) or set(keys) != set(unpickler.storages):
+      raise CheckpointFormatError(f"{path}: the storage list does not match the tensors.")
+    storages = {}
+    for key in keys:
+      ref = unpickler.storages[key]
+      itemsize = _storage_dtype(ref.dtype).itemsize
+      head = f.read(8)
+      numel = struct.unpack("<q", head)[0] if len(head) == 8 else -1
+      raw = f.read(numel * itemsize) if numel == ref.numel else b""
+      if numel != ref.numel or len(raw) != numel * itemsize:
+        raise CheckpointFormatError(
+          f"{path}: storage {key!r} is cut short or damaged (truncated file?)."
+        )
+      storages[key] = _frombuffer(raw, ref.dtype, "<", f"{path}: storage {key!r}")
+  return _materialize(obj, storages, str(path))
+
+
 def read_pth(path: str | os.PathLike) -> Any:
-  """Reads a ``torch.save`` file (zip format) into dicts, lists and numpy arrays.
+  """Reads a ``torch.save`` file into dicts, lists and numpy arrays.
+
+  Both formats are read: the zip archive (torch >= 1.6) and the legacy stream
+  of pickles (torch < 1.6; e.g. torchvision's ``wide_resnet50_2-95faca4d.pth``).
 
   Args:
     path: the file (any suffix; ``.pth`` / ``.pt`` by convention).
@@ -296,46 +411,29 @@ def read_pth(path: str | os.PathLike) -> Any:
     and every ``OrderedDict`` as an ``OrderedDict``.
 
   Raises:
-    CheckpointFormatError: not a zip-format torch checkpoint (legacy pre-1.6
-      files, text, truncated archives), or a pickle that needs anything but
-      tensors and containers.
+    CheckpointFormatError: not a torch checkpoint (text, another pickle, a
+      truncated archive, torch < 0.4's tar format), or a pickle that needs
+      anything but tensors and containers.
   """
   path = pathlib.Path(path)
   _check_readable(path)
   with open(path, "rb") as f:
     head = f.read(8)
-  if not zipfile.is_zipfile(path):
+  try:
+    if zipfile.is_zipfile(path):
+      return _read_zip(path)
     if head[:2] == b"PK":
       raise CheckpointFormatError(
         f"{path}: damaged or truncated PyTorch checkpoint (a zip archive without its "
         "directory); copy or download it again."
       )
     if head[:1] == b"\x80":
+      return _read_legacy(path)
+    if tarfile.is_tarfile(path):
       raise CheckpointFormatError(
-        f"{path}: a legacy (pre-1.6, non-zip) torch checkpoint, which is not read "
-        "without torch. Convert it once with torch >= 1.6: torch.save(torch.load(f, "
-        "weights_only=True), 'new.pth'), or save it as .safetensors."
+        f"{path}: torch < 0.4's tar checkpoint format is not read; convert it once with "
+        "torch: torch.save(torch.load(f), 'new.pth'), or save it as .safetensors."
       )
-    raise CheckpointFormatError(
-      f"{path}: not a PyTorch checkpoint (expected the zip archive torch.save writes; "
-      f"the file starts with {head!r})."
-    )
-  try:
-    with zipfile.ZipFile(path) as zf:
-      pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-      if len(pickles) != 1:
-        raise CheckpointFormatError(
-          f"{path}: a zip archive but not a torch.save checkpoint (expected one "
-          f"'<name>/data.pkl', found {len(pickles)})."
-        )
-      prefix = pickles[0].split("/")[0]
-      byteorder = "little"
-      if f"{prefix}/byteorder" in zf.namelist():
-        byteorder = zf.read(f"{prefix}/byteorder").decode("ascii", "replace").strip()
-        if byteorder not in ("little", "big"):
-          raise CheckpointFormatError(f"{path}: unknown byte order {byteorder!r}.")
-      with zf.open(pickles[0]) as pkl:
-        return _WeightsUnpickler(pkl, zf, prefix, byteorder, str(path)).load()
   except CheckpointFormatError:
     raise
   except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, OSError, ValueError) as e:
@@ -343,6 +441,10 @@ def read_pth(path: str | os.PathLike) -> Any:
     raise CheckpointFormatError(
       f"{path}: damaged or truncated PyTorch checkpoint ({type(e).__name__}: {first})."
     ) from None
+  raise CheckpointFormatError(
+    f"{path}: not a PyTorch checkpoint (expected the archive torch.save writes; the "
+    f"file starts with {head!r})."
+  )
 
 
 # ----------------------------------------------------------------------------- .safetensors

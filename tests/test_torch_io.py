@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import pickle
 import re
 import sys
 import zipfile
@@ -50,12 +51,12 @@ def _assert_same(read, saved):
     assert read == saved
 
 
-@needs_torch
-def test_reads_what_torch_save_writes(tmp_path):
+def _saved_object():
+  """Nested state dicts, strided views and every common dtype, as torch saves them."""
   torch.manual_seed(0)
   base = torch.randn(6, 8)
   model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-  saved = {
+  return {
     "bn": model.state_dict(),  # an OrderedDict with int64 num_batches_tracked
     "decoder": collections.OrderedDict(
       transposed=base.t(),  # non-contiguous
@@ -69,7 +70,6 @@ def test_reads_what_torch_save_writes(tmp_path):
     "uint8": torch.arange(5, dtype=torch.uint8),
     "bool": torch.tensor([True, False, True]),
     "float64": torch.randn(2, dtype=torch.float64),
-    "uint16": torch.tensor([1, 600, 65535], dtype=torch.int32).to(torch.uint16),  # v3 rebuild
     "scalar": torch.tensor(2.5),
     "empty": torch.zeros(0, 3),
     "parameter": torch.nn.Parameter(torch.ones(2, 2)),
@@ -77,12 +77,41 @@ def test_reads_what_torch_save_writes(tmp_path):
     "names": ["a", "b"],
     "pair": (torch.ones(1), 0.5),
   }
+
+
+@needs_torch
+def test_reads_what_torch_save_writes(tmp_path):
+  saved = _saved_object()
+  saved["uint16"] = torch.tensor([1, 600, 65535], dtype=torch.int32).to(torch.uint16)  # v3
   torch.save(saved, tmp_path / "ckpt.pth")
   _assert_same(torch_io.read_pth(tmp_path / "ckpt.pth"), saved)
 
   flat = torch_io.flatten_tensors(torch_io.load(tmp_path / "ckpt.pth"))
   assert "bn.0.weight" in flat and "decoder.every_other" in flat and "epoch" not in flat
-  np.testing.assert_array_equal(flat["bn.1.running_var"], model[1].running_var.numpy())
+  np.testing.assert_array_equal(flat["bn.1.running_var"], saved["bn"]["1.running_var"].numpy())
+
+
+@needs_torch
+def test_reads_the_legacy_format(tmp_path):
+  """torch < 1.6's stream of pickles (torchvision's wide_resnet50_2-95faca4d.pth)."""
+  saved = _saved_object()
+  torch.save(saved, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+  assert not zipfile.is_zipfile(tmp_path / "old.pth")
+  _assert_same(torch_io.read_pth(tmp_path / "old.pth"), saved)
+
+  blob = (tmp_path / "old.pth").read_bytes()
+  (tmp_path / "cut.pth").write_bytes(blob[:-20])
+  with pytest.raises(torch_io.CheckpointFormatError, match=r"cut\.pth: storage .* cut short"):
+    torch_io.read_pth(tmp_path / "cut.pth")
+  (tmp_path / "cut.pth").write_bytes(blob[:200])
+  with pytest.raises(torch_io.CheckpointFormatError, match=r"cut\.pth: damaged or truncated"):
+    torch_io.read_pth(tmp_path / "cut.pth")
+
+
+def test_a_plain_pickle_is_not_a_checkpoint(tmp_path):
+  (tmp_path / "p.pth").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
+  with pytest.raises(torch_io.CheckpointFormatError, match=r"p\.pth: a pickle file, not a PyTorch"):
+    torch_io.read_pth(tmp_path / "p.pth")
 
 
 @needs_torch
@@ -137,15 +166,6 @@ def test_whole_model_and_torchscript_are_refused(tmp_path):
 
 
 @needs_torch
-def test_legacy_format_says_how_to_convert(tmp_path):
-  torch.save({"w": torch.ones(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
-  with pytest.raises(
-    torch_io.CheckpointFormatError, match=r"old\.pth: a legacy \(pre-1\.6.*torch\.save\(torch\.load"
-  ):
-    torch_io.read_pth(tmp_path / "old.pth")
-
-
-@needs_torch
 def test_damaged_pth(tmp_path):
   torch.save({"w": torch.randn(64, 64)}, tmp_path / "w.pth")
   blob = (tmp_path / "w.pth").read_bytes()
@@ -184,7 +204,7 @@ def test_damaged_safetensors(tmp_path):
 @pytest.mark.parametrize(
   "name, expected",
   [
-    ("text.pth", r"text\.pth: not a PyTorch checkpoint \(expected the zip archive torch\.save"),
+    ("text.pth", r"text\.pth: not a PyTorch checkpoint \(expected the archive torch\.save"),
     ("text.pt", r"text\.pt: not a PyTorch checkpoint"),
     ("text.safetensors", r"text\.safetensors: not a readable \.safetensors file"),
     ("text.npz", r"text\.npz: not a readable \.npz archive \(expected the project's \.npz"),
@@ -234,10 +254,13 @@ def test_pth_without_a_state_dict(tmp_path):
 def test_teacher_pth_read_without_torch_matches_torch(tmp_path, monkeypatch):
   model = torch_oracle.import_torch()[1].models.resnet18(weights=None)
   torch.save({"state_dict": model.state_dict()}, tmp_path / "wrapped.pth")
-  # The library must not import torch to read it.
+  # torchvision's wide_resnet50_2-95faca4d.pth is in the legacy format.
+  torch.save(model.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+  # The library must not import torch to read them.
   monkeypatch.setitem(sys.modules, "torch", None)
-  state = porting.read_state_dict(tmp_path / "wrapped.pth")
+  states = [porting.read_state_dict(tmp_path / n) for n in ("wrapped.pth", "legacy.pth")]
   monkeypatch.undo()
-  assert state.keys() == model.state_dict().keys()
-  for k, v in model.state_dict().items():
-    np.testing.assert_array_equal(state[k], v.numpy())
+  for state in states:
+    assert state.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+      np.testing.assert_array_equal(state[k], v.numpy())

@@ -57,12 +57,18 @@ def scale_by_torch_adam(b1: float, b2: float, eps: float = 1e-8) -> optax.Gradie
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
+    dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(mu)), jnp.float32)
+    t = count.astype(dtype)
+    # Computed once, outside the element-wise loops: fused into them, XLA:CPU
+    # evaluated expm1 differently in a parallel run's program than in a single
+    # category's, and a category's parameters after training were no longer
+    # bit-identical to training it alone (tests/test_parallel.py).
+    correction1, correction2 = jax.lax.optimization_barrier(
+      (-jnp.expm1(t * log_b1), -jnp.expm1(t * log_b2))  # 1 - b1**t, 1 - b2**t
+    )
 
     def scale(m, v):
-      t = count.astype(jnp.promote_types(m.dtype, jnp.float32))
-      correction1 = -jnp.expm1(t * log_b1)  # 1 - b1**t
-      correction2 = -jnp.expm1(t * log_b2)  # 1 - b2**t
-      return (m / correction1) / (jnp.sqrt(v / correction2) + eps)
+      return (m / correction1.astype(m.dtype)) / (jnp.sqrt(v / correction2.astype(v.dtype)) + eps)
 
     return jax.tree.map(scale, mu, nu), optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
