@@ -3,7 +3,7 @@ r"""Ports a torchvision ResNet checkpoint to the project's teacher format (.npz)
 Usage:
   # With network: download IMAGENET1K_V1, verify its hash, port it into the cache.
   python scripts/port_torchvision_weights.py --arch wide_resnet50_2 --download
-  # Offline: port a file downloaded by hand (.pth needs torch; .safetensors does not).
+  # Offline: port a file downloaded by hand (.pth or .safetensors; neither needs torch).
   python scripts/port_torchvision_weights.py --arch wide_resnet50_2 \
       --input wide_resnet50_2-95faca4d.pth --output ~/.cache/skrd4ad_jax/teachers
 

@@ -79,9 +79,10 @@ def gaussian_matrix(
 
 def resize_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize with align_corners=True of [B, h, w] or [B, h, w, C] to ``size``."""
-  mh = jnp.asarray(align_corners_matrix(int(size[0]), x.shape[1]), jnp.float32)
-  mw = jnp.asarray(align_corners_matrix(int(size[1]), x.shape[2]), jnp.float32)
-  x = x.astype(jnp.float32)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64
+  mh = jnp.asarray(align_corners_matrix(int(size[0]), x.shape[1]), dtype)
+  mw = jnp.asarray(align_corners_matrix(int(size[1]), x.shape[2]), dtype)
+  x = x.astype(dtype)
   if x.ndim == 3:
     return jnp.einsum("oh,bhw,pw->bop", mh, x, mw, precision=_HIGHEST)
   return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw, precision=_HIGHEST)
@@ -93,6 +94,7 @@ def gaussian_blur(
   """``scipy.ndimage.gaussian_filter`` over the two spatial axes of [B, H, W] maps."""
   if sigma <= 0:
     return maps
-  gh = jnp.asarray(gaussian_matrix(maps.shape[1], float(sigma), truncate, mode), jnp.float32)
-  gw = jnp.asarray(gaussian_matrix(maps.shape[2], float(sigma), truncate, mode), jnp.float32)
-  return jnp.einsum("oh,bhw,pw->bop", gh, maps.astype(jnp.float32), gw, precision=_HIGHEST)
+  dtype = jnp.promote_types(maps.dtype, jnp.float32)  # float32, or float64 under x64
+  gh = jnp.asarray(gaussian_matrix(maps.shape[1], float(sigma), truncate, mode), dtype)
+  gw = jnp.asarray(gaussian_matrix(maps.shape[2], float(sigma), truncate, mode), dtype)
+  return jnp.einsum("oh,bhw,pw->bop", gh, maps.astype(dtype), gw, precision=_HIGHEST)

@@ -19,10 +19,19 @@ from skrd4ad_jax import interpolation
 LOSS_KINDS = ("flat_cosine", "pixel_cosine", "mse", "mse_cosine")
 
 
+def at_least_float32(*arrays: jax.Array) -> jnp.dtype:
+  """float32, or float64 when an input is float64 (the float64 parity tests)."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
-  """``torch.nn.functional.cosine_similarity``: each norm clamped at ``eps``."""
-  a = a.astype(jnp.float32)
-  b = b.astype(jnp.float32)
+  """``torch.nn.functional.cosine_similarity``: each norm clamped at ``eps``.
+
+  Computed in float32 at least (bfloat16 inputs are promoted; float64 stays).
+  """
+  dtype = at_least_float32(a, b)
+  a = a.astype(dtype)
+  b = b.astype(dtype)
   na = jnp.maximum(jnp.linalg.norm(a, axis=axis), eps)
   nb = jnp.maximum(jnp.linalg.norm(b, axis=axis), eps)
   return jnp.sum(a * b, axis=axis) / (na * nb)
@@ -40,7 +49,8 @@ def pixel_cosine_distance(t: jax.Array, s: jax.Array) -> jax.Array:
 
 
 def mse(t: jax.Array, s: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.square(t.astype(jnp.float32) - s.astype(jnp.float32)))
+  dtype = at_least_float32(t, s)
+  return jnp.mean(jnp.square(t.astype(dtype) - s.astype(dtype)))
 
 
 def level_loss(t: jax.Array, s: jax.Array, kind: str) -> jax.Array:

@@ -61,8 +61,9 @@ class Method:
     )
 
   def teacher_features(self, teacher_vars: Any, images: jax.Array) -> list[jax.Array]:
-    """[E1, E2, E3] of the frozen teacher (already under stop_gradient)."""
-    return [f.astype(jnp.float32) for f in self.teacher.apply(teacher_vars, images)]
+    """[E1, E2, E3] of the frozen teacher (already under stop_gradient), float32 or wider."""
+    feats = self.teacher.apply(teacher_vars, images)
+    return [f.astype(jnp.promote_types(f.dtype, jnp.float32)) for f in feats]
 
   def feature_shapes(self, batch: int = 1) -> list[tuple[int, ...]]:
     s = self.image_size

@@ -58,6 +58,41 @@ class DistillationMethod(Method):
       opt_state=self.tx.init(params),
     )
 
+  def loss_and_grads(
+    self,
+    params: Any,
+    batch_stats: Any,
+    targets: Sequence[jax.Array],
+    inputs: Sequence[jax.Array],
+    rng: jax.Array,
+  ) -> tuple[jax.Array, dict[str, jax.Array], Any, Any]:
+    """The training forward and backward pass of the student, without the update.
+
+    Args:
+      params: the student's parameters.
+      batch_stats: its BatchNorm statistics before the step.
+      targets: teacher features [E1, E2, E3] the student must reproduce.
+      inputs: teacher features the student is fed (the same, or corrupted ones).
+      rng: the step's PRNG key (MRKD's masks).
+
+    Returns:
+      (loss, loss parts, BatchNorm statistics after the forward, gradients).
+    """
+
+    def loss_fn(params):
+      outs, mutated = self.student.apply(
+        {"params": params, "batch_stats": batch_stats},
+        inputs,
+        train=True,
+        mutable=["batch_stats"],
+        **self.student_kwargs("train", rng),
+      )
+      loss, parts = losses.distillation_loss(targets, outs, self.loss_kind, self.consistency_rate)
+      return loss, (parts, mutated["batch_stats"])
+
+    (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, parts, new_stats, grads
+
   def distill_step(
     self,
     state: TrainState,
@@ -73,19 +108,9 @@ class DistillationMethod(Method):
       inputs: teacher features the student is fed (the same, or corrupted ones).
       rng: the step's PRNG key (MRKD's masks).
     """
-
-    def loss_fn(params):
-      outs, mutated = self.student.apply(
-        {"params": params, "batch_stats": state.batch_stats},
-        inputs,
-        train=True,
-        mutable=["batch_stats"],
-        **self.student_kwargs("train", rng),
-      )
-      loss, parts = losses.distillation_loss(targets, outs, self.loss_kind, self.consistency_rate)
-      return loss, (parts, mutated["batch_stats"])
-
-    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, parts, batch_stats, grads = self.loss_and_grads(
+      state.params, state.batch_stats, targets, inputs, rng
+    )
     return apply_gradients(self.tx, state, grads, batch_stats), loss_metrics(loss, parts)
 
   def features(self, state, teacher_vars, images, rng):
@@ -96,7 +121,7 @@ class DistillationMethod(Method):
       train=False,
       **self.student_kwargs("eval", rng),
     )
-    return feats, [o.astype(jnp.float32) for o in outs]
+    return feats, [o.astype(jnp.promote_types(o.dtype, jnp.float32)) for o in outs]
 
   def describe(self):
     return {**super().describe(), "loss": self.loss_kind}

