@@ -210,6 +210,7 @@ def train(config, workdir: str) -> None:
   import jax
 
   from skrd4ad_jax.data.folder import DatasetError
+  from skrd4ad_jax.teachers.porting import WeightsError
   from skrd4ad_jax.training import checkpoints, trainer, workdir_lock
 
   # The user's to fix: one line each. Anything else is a bug and keeps its traceback.
@@ -217,6 +218,7 @@ def train(config, workdir: str) -> None:
     validation.ConfigError,
     DatasetError,
     checkpoints.CheckpointError,
+    WeightsError,  # a teacher weight file that is not what its suffix says
     workdir_lock.WorkdirInUseError,
     FloatingPointError,  # a NaN loss
     OSError,  # an unwritable workdir, a missing weights file, a full disk

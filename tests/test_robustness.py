@@ -690,3 +690,28 @@ def test_predict_falls_back_to_the_newest_readable_checkpoint(untrained_run, tmp
     remove(os.path.join(step_dir(workdir, step), "meta"))
   with pytest.warns(RuntimeWarning), pytest.raises(predict.PredictError, match="No readable"):
     predict.Predictor(workdir, "brick")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pth", ".safetensors"])
+def test_main_names_a_teacher_weight_file_that_is_not_one(tmp_path, suffix):
+  from skrd4ad_jax.data import demo_data
+
+  root = demo_data.ensure_demo_dataset(
+    str(tmp_path / "data"),
+    seed=0,
+    image_size=64,
+    num_train=4,
+    num_test_good=1,
+    num_test_per_defect=1,
+  )
+  weights = tmp_path / f"resnet18{suffix}"
+  weights.write_text("not weights\n")
+  code, out = run_main(
+    f"--config={TINY}:brick",
+    f"--config.data.root={root}",
+    f"--config.model.teacher_weights={weights}",
+    f"--workdir={tmp_path / 'run'}",
+  )
+  assert code == 1 and "Traceback" not in out, out
+  (line,) = error_lines(out)
+  assert str(weights) in line and "not a" in line, line

