@@ -11,21 +11,9 @@ import os
 
 from skrd4ad_jax import config as config_lib
 from skrd4ad_jax.config import defaults
+from skrd4ad_jax.data import categories
 
-CATEGORIES = (
-  "candle",
-  "capsules",
-  "cashew",
-  "chewinggum",
-  "fryum",
-  "macaroni1",
-  "macaroni2",
-  "pcb1",
-  "pcb2",
-  "pcb3",
-  "pcb4",
-  "pipe_fryum",
-)
+CATEGORIES = categories.VISA
 
 
 def get_config(arg=""):

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -370,14 +369,6 @@ def official_config(
   return config_lib.resolve(config)
 
 
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def import_checkpoint(
   method: str,
   checkpoint: str | os.PathLike,
@@ -448,7 +439,7 @@ def import_checkpoint(
     "final": True,
     "imported_from": {
       "file": str(path.resolve()),
-      "sha256": _sha256(path),
+      "sha256": porting.sha256(path),
       "method": method,
       "format": "safetensors" if path.suffix.lower() == ".safetensors" else "pth",
       "saved_by": FORMATS[method].saved_by,

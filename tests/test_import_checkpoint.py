@@ -26,6 +26,7 @@ from skrd4ad_jax import import_checkpoint as ic
 from skrd4ad_jax import methods, predict, teachers
 from skrd4ad_jax.config import load_config
 from skrd4ad_jax.models.student import student_layout
+from skrd4ad_jax.teachers import porting
 from skrd4ad_jax.training import checkpoints
 
 torch = ot.torch
@@ -159,7 +160,7 @@ def test_imported_maps_match_the_official_forward(method, gated, tmp_path):
   assert meta["final"] is True and meta["step"] == 0 and meta["category"] == CATEGORY
   assert meta["imported_from"]["method"] == method
   assert meta["imported_from"]["format"] == "pth"
-  assert meta["imported_from"]["sha256"] == ic._sha256(ckpt)
+  assert meta["imported_from"]["sha256"] == porting.sha256(ckpt)
   assert meta["config"]["model"]["name"] == method
   assert meta["config"]["model"]["teacher_weights"] == teacher_path
   assert meta["config"]["data"]["categories"] == [CATEGORY]

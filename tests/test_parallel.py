@@ -30,6 +30,8 @@ import sys
 import numpy as np
 import pytest
 
+from skrd4ad_jax.evaluation import results
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4
 CATEGORIES = ("brick", "grass", "gravel")
@@ -41,14 +43,7 @@ EXPECTED_STEPS = {"brick": 24, "grass": 18, "gravel": 12}
 SEED_CATEGORIES = ("brick", "gravel")
 PARAM_ATOL = 1e-4  # float32
 METRIC_ATOL = 5e-4  # "equal to three decimals"
-METRICS = (
-  "image_auroc",
-  "pixel_auroc",
-  "pixel_aupro",
-  "pixel_aupro_rd4ad",
-  "image_f1max",
-  "pixel_ap",
-)
+METRICS = results.METRIC_COLUMNS
 # Dotted config overrides applied on top of configs/tiny.py.
 OVERRIDES = {
   # 64 px, not less: at 32 px the OCBE output is 1x1, its BatchNorm normalises 2 values

@@ -9,14 +9,7 @@ import pytest
 
 from skrd4ad_jax.evaluation import results
 
-METRICS = (
-  "image_auroc",
-  "pixel_auroc",
-  "pixel_aupro",
-  "pixel_aupro_rd4ad",
-  "image_f1max",
-  "pixel_ap",
-)
+METRICS = results.METRIC_COLUMNS
 
 
 def _csv_rows(path):

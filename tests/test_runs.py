@@ -32,6 +32,18 @@ def env(**extra):
   )
 
 
+def run_main(*args, timeout=900, **extra_env):
+  """``python -m skrd4ad_jax.main ARGS`` to completion; the CompletedProcess."""
+  return subprocess.run(
+    main_command(*args),
+    cwd=REPO,
+    env=env(**extra_env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
 def read_csv(path):
   with open(path, newline="") as f:
     return {r["category"]: r for r in csv.DictReader(f)}
@@ -107,28 +119,14 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run
   assert not os.path.exists(os.path.join(interrupted, "results.csv"))
 
   # The same command again: resumes at that step and finishes.
-  rerun = subprocess.run(
-    main_command(*flags, f"--workdir={interrupted}"),
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  rerun = run_main(*flags, f"--workdir={interrupted}")
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"[brick] checkpoint at step {step} of 80" in rerun.stderr
   assert f"[brick] slot 0: steps {step}-80 of 80" in rerun.stderr
 
   # An uninterrupted run of the same command: the same state, bit for bit, and metrics.
   straight = str(tmp_path / "straight")
-  once = subprocess.run(
-    main_command(*flags, f"--workdir={straight}"),
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  once = run_main(*flags, f"--workdir={straight}")
   assert once.returncode == 0, once.stderr[-3000:]
   assert state_digest(interrupted, "brick") == state_digest(straight, "brick")
   a, b = (
@@ -147,17 +145,11 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
   categories = ",".join(config.data.categories)
   trained = read_csv(os.path.join(workdir, "results.csv"))
   steps = {c: final_meta(workdir, c)[0] for c in config.data.categories}
-  proc = subprocess.run(
-    main_command(
-      f"--config=configs/tiny.py:{categories}",
-      f"--config.data.root={data_root}",
-      f"--workdir={copy}",
-      "--eval_only",
-    ),
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
+  proc = run_main(
+    f"--config=configs/tiny.py:{categories}",
+    f"--config.data.root={data_root}",
+    f"--workdir={copy}",
+    "--eval_only",
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,18 +160,12 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
       assert float(again[c][metric]) == pytest.approx(float(trained[c][metric]), abs=1e-6)
   assert "Evaluation-only run" in (copy / "results.md").read_text()
 
-  proc = subprocess.run(
-    main_command(
-      f"--config=configs/tiny.py:{categories}",
-      f"--config.data.root={data_root}",
-      f"--workdir={copy}",
-      "--eval_only",
-      "--config.eval.protocol=official",
-    ),
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
+  proc = run_main(
+    f"--config=configs/tiny.py:{categories}",
+    f"--config.data.root={data_root}",
+    f"--workdir={copy}",
+    "--eval_only",
+    "--config.eval.protocol=official",
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -192,17 +178,11 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
   assert "conventions of the official test.py" in (copy / "results.md").read_text()
 
   # An empty workdir has nothing to evaluate: one line naming the job and the fixes.
-  proc = subprocess.run(
-    main_command(
-      f"--config=configs/tiny.py:{categories}",
-      f"--config.data.root={data_root}",
-      f"--workdir={tmp_path / 'empty'}",
-      "--eval_only",
-    ),
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
+  proc = run_main(
+    f"--config=configs/tiny.py:{categories}",
+    f"--config.data.root={data_root}",
+    f"--workdir={tmp_path / 'empty'}",
+    "--eval_only",
     timeout=600,
   )
   assert proc.returncode == 1
@@ -212,18 +192,12 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
 def test_demo_config_end_to_end_at_a_two_step_budget(tmp_path):
   """configs/demo.py as `make demo` runs it: demo data, HED teacher, feature cache, baseline."""
   workdir = tmp_path / "demo"
-  proc = subprocess.run(
-    main_command(
-      "--config=configs/demo.py",
-      "--config.train.num_steps=2",
-      "--config.eval.save_pictures=False",
-      f"--workdir={workdir}",
-    ),
-    cwd=REPO,
-    env=env(SKRD4AD_CACHE=str(tmp_path / "cache")),
-    capture_output=True,
-    text=True,
-    timeout=900,
+  proc = run_main(
+    "--config=configs/demo.py",
+    "--config.train.num_steps=2",
+    "--config.eval.save_pictures=False",
+    f"--workdir={workdir}",
+    SKRD4AD_CACHE=str(tmp_path / "cache"),
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = read_csv(workdir / "results.csv")

@@ -25,25 +25,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from skrd4ad_jax.data import folder
+from skrd4ad_jax.data import categories, folder
 
-CATEGORIES = (
-  "bottle",
-  "cable",
-  "capsule",
-  "carpet",
-  "grid",
-  "hazelnut",
-  "leather",
-  "metal_nut",
-  "pill",
-  "screw",
-  "tile",
-  "toothbrush",
-  "transistor",
-  "wood",
-  "zipper",
-)
+CATEGORIES = categories.MVTEC_AD
 ARCHIVE = "mvtec_anomaly_detection.tar.xz"
 HOMEPAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 LABEL_NAMES = ("normal", "anomaly")

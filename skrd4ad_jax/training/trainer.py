@@ -49,14 +49,7 @@ from skrd4ad_jax.evaluation import results as results_lib
 from skrd4ad_jax.training import batches as batches_lib
 from skrd4ad_jax.training import checkpoints, parallel, schedule, train
 
-RESULT_METRICS = (
-  "image_auroc",
-  "pixel_auroc",
-  "pixel_aupro",
-  "pixel_aupro_rd4ad",
-  "image_f1max",
-  "pixel_ap",
-)
+RESULT_METRICS = results_lib.METRIC_COLUMNS
 # Metrics whose best value over the periodic evaluations is reported, apart and
 # labelled, as the test-selected (optimistic) figure some papers report.
 SELECTED_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_aupro_rd4ad")

@@ -41,6 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 from skrd4ad_jax import normalization
+from skrd4ad_jax.data import categories
 
 FOREGROUND_MODES = ("otsu", "none")
 # URD train.py / dataset_noise.py: Otsu (inverse) for these, grabCut for the rest
@@ -54,19 +55,7 @@ GRABCUT_CATEGORIES = (
   "pill",
   "toothbrush",
   "zipper",
-  # VisA
-  "candle",
-  "capsules",
-  "cashew",
-  "chewinggum",
-  "fryum",
-  "macaroni1",
-  "macaroni2",
-  "pcb1",
-  "pcb2",
-  "pcb3",
-  "pcb4",
-  "pipe_fryum",
+  *categories.VISA,
 )
 PHOTO_TEXTURES = ("coffee", "chelsea", "astronaut", "rocket", "immunohistochemistry")
 NUM_PROCEDURAL_TEXTURES = 6

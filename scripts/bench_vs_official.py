@@ -1,0 +1,177 @@
+r"""The training step side by side: the official PyTorch RD4AD step vs ours, in one run.
+
+  python scripts/bench_vs_official.py                          # WRN50-2, 256 px, batch 16
+  python scripts/bench_vs_official.py --steps=5 --json=vs_official.json
+  python scripts/bench_vs_official.py --config.train.cache_teacher_features=True
+
+A measuring tool like the tests: it imports torch (the CPU test oracle of
+``pip install -e ".[test]"``) and the official modules restated in
+``tests/official_torch.py``; the library never imports torch.
+
+The official step is ``hq-deng/RD4AD main.py:train``: the frozen ImageNet
+encoder in eval mode (its parameters still require gradients, so the backward
+pass runs through it, as in the official code), the OCBE ``bn`` and the
+decoder in train mode, ``loss_fucntion`` (flattened cosine), Adam(0.005,
+(0.5, 0.999)) over ``bn`` + ``decoder``; torch uses every core. Ours is the
+trainer's jitted single-job step of the config (default ``configs/mvtec.py``:
+SK-RD4AD, WRN50-2, 256 px, batch 16, float32): teacher under
+``stop_gradient`` (or, with ``cache_teacher_features``, precomputed teacher
+features: the trainer's real step then, and the figure says so). Both with
+random weights (the time does not depend on them) on random images.
+
+After one warm-up step each, the two steps alternate (official, ours, ...) so
+that both see the same machine; the median of ``--steps`` each counts. Prints
+both images/s and the ratio; ``--json`` writes them with the machine's load.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  "config", os.path.join(REPO, "configs", "mvtec.py"), "Our side's configuration.", lock_config=True
+)
+flags.DEFINE_integer("steps", 3, "Timed steps per side after one warm-up step; the median counts.")
+flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+
+
+def official_step(config):
+  """A closure running one official RD4AD training step on a fixed random batch."""
+  import official_torch as ot
+  import torch
+
+  from skrd4ad_jax.models.student import student_layout
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  b, s = int(config.train.batch_size), int(config.data.image_size)
+  encoder = ot.Encoder(config.model.teacher).eval()  # parameters require grad, as official
+  models = ot.official_models("rd4ad", student_layout(config.model), config.model.teacher)
+  bn, decoder = models["bn"].train(), models["decoder"].train()
+  optimizer = torch.optim.Adam(
+    list(decoder.parameters()) + list(bn.parameters()), lr=0.005, betas=(0.5, 0.999)
+  )
+  images = torch.randn(b, 3, s, s)
+
+  def step():
+    inputs = encoder(images)
+    outputs = decoder(bn(inputs))
+    loss = ot.loss_fucntion(inputs, outputs)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+  return step
+
+
+def our_step(config):
+  """A closure running one of the trainer's jitted single-job steps of ``config``."""
+  import jax
+  import numpy as np
+
+  from skrd4ad_jax import methods, teachers
+  from skrd4ad_jax.training import train
+
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  from benchmark import synthetic_batch
+
+  method = methods.build_method(config)
+  teacher_vars = teachers.load_teacher_variables(
+    config.model.teacher, "random", image_size=int(config.data.image_size)
+  )
+  key = jax.random.PRNGKey(0)
+  state = jax.jit(method.init)(key, teacher_vars)
+  host = synthetic_batch(method, config, 1, np.random.default_rng(0))
+  batch = jax.device_put({k: v[0] for k, v in host.items()})
+  compiled = (
+    train.jitted_train_step(method).lower(state, teacher_vars, batch, key, np.bool_(True)).compile()
+  )
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], teacher_vars, batch, key, np.bool_(True))
+    return float(jax.block_until_ready(metrics["loss"]))
+
+  return step
+
+
+def timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  import jax
+  import torch
+
+  from skrd4ad_jax import config as config_lib
+
+  config = config_lib.resolve(FLAGS.config)
+  b = int(config.train.batch_size)
+  load_before = os.getloadavg()
+  t0 = time.perf_counter()
+  ours = our_step(config)
+  compile_seconds = time.perf_counter() - t0
+  official = official_step(config)
+  warm = {"official": timed(official), "ours": timed(ours)}
+  times = {"official": [], "ours": []}
+  for _ in range(FLAGS.steps):
+    times["official"].append(timed(official))
+    times["ours"].append(timed(ours))
+  result = {
+    "config_name": config.name,
+    "method": config.model.name,
+    "teacher": config.model.teacher,
+    "image_size": int(config.data.image_size),
+    "batch_size": b,
+    "cache_teacher_features": bool(config.train.get("cache_teacher_features", False)),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "jax_version": jax.__version__,
+    "torch_version": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "cpu_count": os.cpu_count(),
+    "load_average_before": load_before,
+    "load_average_after": os.getloadavg(),
+    "our_compile_seconds": compile_seconds,
+    "warm_up_seconds": warm,
+    "step_seconds_all": times,
+  }
+  for side in times:
+    median = statistics.median(times[side])
+    result[f"{side}_step_seconds"] = median
+    result[f"{side}_images_per_second"] = b / median
+  result["ratio_ours_over_official"] = (
+    result["ours_images_per_second"] / result["official_images_per_second"]
+  )
+  print(
+    f"official RD4AD (PyTorch, {result['torch_threads']} threads): "
+    f"{result['official_step_seconds']:.2f} s/step, "
+    f"{result['official_images_per_second']:.3f} img/s | ours ({config.model.name}"
+    f"{', cached teacher features' if result['cache_teacher_features'] else ''}): "
+    f"{result['ours_step_seconds']:.2f} s/step, {result['ours_images_per_second']:.3f} img/s | "
+    f"ratio {result['ratio_ours_over_official']:.2f}x | load before/after "
+    f"{load_before[0]:.2f}/{result['load_average_after'][0]:.2f}",
+    flush=True,
+  )
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"wrote {FLAGS.json}")
+
+
+if __name__ == "__main__":
+  app.run(main)
