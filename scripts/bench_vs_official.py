@@ -19,14 +19,17 @@ SK-RD4AD, WRN50-2, 256 px, batch 16, float32): teacher under
 features: the trainer's real step then, and the figure says so). Both with
 random weights (the time does not depend on them) on random images.
 
-After one warm-up step each, the two steps alternate (official, ours, ...) so
-that both see the same machine; the median of ``--steps`` each counts. Prints
+One command runs both sides one after the other, each in a process of its own
+(in one process torch's and XLA's thread pools and allocators slowed both by
+~40 %): one warm-up step, then ``--steps`` timed steps, the median counts.
+Compare the ratio of one run, not absolute times across days. Prints
 both images/s and the ratio; ``--json`` writes them with the machine's load.
 """
 
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -43,6 +46,18 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_integer("steps", 3, "Timed steps per side after one warm-up step; the median counts.")
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+flags.DEFINE_enum(
+  "conv_impl",
+  "auto",
+  ["auto", "gemm", "xla"],
+  "Our convolutions (skrd4ad_jax.models.layers.conv2d); 'xla' is lax.conv forward and backward.",
+)
+flags.DEFINE_enum(
+  "side",
+  None,
+  ["official", "ours"],
+  "Time one side in this process (what the default run starts, once per side).",
+)
 
 
 def official_step(config):
@@ -81,10 +96,12 @@ def our_step(config):
   import numpy as np
 
   from skrd4ad_jax import methods, teachers
-  from skrd4ad_jax.training import train
+  from skrd4ad_jax.models import layers
+  from skrd4ad_jax.training import batches, train
 
-  sys.path.insert(0, os.path.join(REPO, "scripts"))
-  from benchmark import synthetic_batch
+  if FLAGS.conv_impl != "auto":
+    impl = FLAGS.conv_impl
+    layers.auto_conv_impl = lambda: impl
 
   method = methods.build_method(config)
   teacher_vars = teachers.load_teacher_variables(
@@ -92,7 +109,7 @@ def our_step(config):
   )
   key = jax.random.PRNGKey(0)
   state = jax.jit(method.init)(key, teacher_vars)
-  host = synthetic_batch(method, config, 1, np.random.default_rng(0))
+  host = batches.synthetic_batch(method, config, 1, np.random.default_rng(0))
   batch = jax.device_put({k: v[0] for k, v in host.items()})
   compiled = (
     train.jitted_train_step(method).lower(state, teacher_vars, batch, key, np.bool_(True)).compile()
@@ -112,26 +129,35 @@ def timed(fn):
   return time.perf_counter() - t0
 
 
+def time_side(side: str, config) -> dict:
+  """Builds one side's step, runs one warm-up step and ``--steps`` timed ones."""
+  t0 = time.perf_counter()
+  step = official_step(config) if side == "official" else our_step(config)
+  build_seconds = time.perf_counter() - t0
+  warm = timed(step)
+  times = [timed(step) for _ in range(FLAGS.steps)]
+  return {
+    "build_seconds": build_seconds,  # ours: tracing and compiling
+    "warm_up_seconds": warm,
+    "step_seconds_all": times,
+    "step_seconds": statistics.median(times),
+  }
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  import jax
-  import torch
-
   from skrd4ad_jax import config as config_lib
 
   config = config_lib.resolve(FLAGS.config)
+  if FLAGS.side:  # a child: one side, figures as JSON on the last line of stdout
+    print(json.dumps(time_side(FLAGS.side, config)), flush=True)
+    return
+  import jax
+  import torch
+
   b = int(config.train.batch_size)
   load_before = os.getloadavg()
-  t0 = time.perf_counter()
-  ours = our_step(config)
-  compile_seconds = time.perf_counter() - t0
-  official = official_step(config)
-  warm = {"official": timed(official), "ours": timed(ours)}
-  times = {"official": [], "ours": []}
-  for _ in range(FLAGS.steps):
-    times["official"].append(timed(official))
-    times["ours"].append(timed(ours))
   result = {
     "config_name": config.name,
     "method": config.model.name,
@@ -140,20 +166,32 @@ def main(argv):
     "batch_size": b,
     "cache_teacher_features": bool(config.train.get("cache_teacher_features", False)),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "conv_impl": FLAGS.conv_impl,
     "jax_version": jax.__version__,
     "torch_version": torch.__version__,
-    "torch_threads": torch.get_num_threads(),
+    "torch_threads": os.cpu_count(),
     "cpu_count": os.cpu_count(),
     "load_average_before": load_before,
-    "load_average_after": os.getloadavg(),
-    "our_compile_seconds": compile_seconds,
-    "warm_up_seconds": warm,
-    "step_seconds_all": times,
   }
-  for side in times:
-    median = statistics.median(times[side])
-    result[f"{side}_step_seconds"] = median
-    result[f"{side}_images_per_second"] = b / median
+  # Each side in a process of its own, one after the other: in one process the
+  # two thread pools and allocators slowed both sides by ~40 %.
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
+  for side in ("official", "ours"):
+    proc = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--steps={FLAGS.steps}"]
+      + [f"--conv_impl={FLAGS.conv_impl}"]
+      + overrides,
+      capture_output=True,
+      text=True,
+      check=False,
+    )
+    if proc.returncode != 0:
+      raise SystemExit(f"The {side} side failed:\n{proc.stderr[-3000:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, value in figures.items():
+      result[f"{side}_{key}"] = value
+    result[f"{side}_images_per_second"] = b / figures["step_seconds"]
+  result["load_average_after"] = os.getloadavg()
   result["ratio_ours_over_official"] = (
     result["ours_images_per_second"] / result["official_images_per_second"]
   )

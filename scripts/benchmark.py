@@ -74,29 +74,6 @@ def plan_rows(slot_counts=(1, 2, 4, 8)):
   return rows
 
 
-def synthetic_batch(method, config, num_slots, np_rng):
-  """A device batch of random data shaped like the trainer's: [num_slots, B, ...]."""
-  import numpy as np
-
-  b, s = int(config.train.batch_size), int(config.data.image_size)
-  if config.train.get("cache_teacher_features", False):
-    if not method.supports_feature_cache:
-      raise ValueError(
-        "config.train.cache_teacher_features needs a method without input "
-        f"augmentation; {method.name} augments its inputs."
-      )
-    return {
-      f"feature{level + 1}": np_rng.standard_normal((num_slots, *shape), np.float32)
-      for level, shape in enumerate(method.feature_shapes(b))
-    }
-  category = (tuple(config.data.categories) or ("synthetic",))[0]
-  slots = [
-    method.make_batch(np_rng.standard_normal((b, s, s, 3)).astype(np.float32), np_rng, category)
-    for _ in range(num_slots)
-  ]
-  return {k: np.stack([x[k] for x in slots]) for k in slots[0]}
-
-
 def host_seconds_per_step(method, config, num_slots, steps, workers):
   """Wall time the trainer's batch makers need per step of ``num_slots`` jobs.
 
@@ -205,6 +182,7 @@ def time_step(config, method, teacher_vars, num_jobs, steps, seed, margin):
   import jax
   import numpy as np
 
+  from skrd4ad_jax.training import batches as batches_lib
   from skrd4ad_jax.training import parallel, train
 
   key = jax.random.PRNGKey(seed)
@@ -213,7 +191,7 @@ def time_step(config, method, teacher_vars, num_jobs, steps, seed, margin):
   devices_all = jax.devices()
   if num_jobs == 1:
     mode, mesh, slots, loop = "single", None, 1, None
-    host = synthetic_batch(method, config, 1, np_rng)
+    host = batches_lib.synthetic_batch(method, config, 1, np_rng)
     batch = jax.device_put({k: v[0] for k, v in host.items()})
     args = (state, teacher_vars, batch, key, np.bool_(True))
     step = train.jitted_train_step(method)
@@ -225,7 +203,7 @@ def time_step(config, method, teacher_vars, num_jobs, steps, seed, margin):
     slots = parallel.num_slots(mesh, per_device)
     loop = parallel.resolve_category_loop(config.parallel.get("category_loop", "auto"), mesh)
     stacked = parallel.put_stacked(parallel.stack([state] * slots), mesh)
-    batch = parallel.put_batch(synthetic_batch(method, config, slots, np_rng), mesh)
+    batch = parallel.put_batch(batches_lib.synthetic_batch(method, config, slots, np_rng), mesh)
     active = np.arange(slots) < num_jobs
     rngs = np.stack([np.asarray(jax.random.PRNGKey(seed + i)) for i in range(slots)])
     args = (stacked, parallel.put_replicated(teacher_vars, mesh), batch, rngs, active)

@@ -330,3 +330,45 @@ def test_anomaly_map_peaks_inside_a_foreign_patch(trained, seed):
   assert y0 <= y < y0 + 16 and x0 <= x < x0 + 16, ((y, x), (y0, x0))
   assert m[y0 : y0 + 16, x0 : x0 + 16].mean() > 1.1 * m.mean()
   assert float(scores[0]) == pytest.approx(m.max())
+
+
+@pytest.mark.parametrize(
+  "kernel, stride, size",
+  [(1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 2, 8), (3, 2, 7), (7, 2, 9)],
+)
+def test_gemm_convolution_equals_lax_forward_and_gradients(kernel, stride, size):
+  """layers.conv2d's 'gemm' formulation (the CPU default) against lax.conv."""
+  rng = np.random.default_rng(kernel * 10 + stride)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 5)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, 5, 6)), jnp.float32)
+  out = {impl: layers.conv2d(x, w, stride, impl) for impl in ("gemm", "xla")}
+  # PyTorch's output size for padding k // 2.
+  expected = (size + 2 * (kernel // 2) - kernel) // stride + 1
+  assert out["gemm"].shape == out["xla"].shape == (2, expected, expected, 6)
+  np.testing.assert_allclose(out["gemm"], out["xla"], rtol=1e-5, atol=1e-5)
+  r = jnp.asarray(rng.standard_normal(out["xla"].shape), jnp.float32)
+
+  def grads(impl):
+    return jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, stride, impl) * r), (0, 1))(x, w)
+
+  for a, b in zip(grads("gemm"), grads("xla")):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="conv impl must be one of"):
+    layers.conv2d(x, w, stride, "cudnn")
+
+
+def test_conv_module_keeps_nn_conv_variables():
+  """layers.Conv has nn.Conv's variables, initial values and outputs (parameter trees)."""
+  import flax.linen as nn
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 8, 3)), jnp.float32)
+  key = jax.random.PRNGKey(0)
+  ours = layers.conv(4, 3, 2, name="c", use_bias=True)
+  flax_conv = nn.Conv(
+    4, (3, 3), (2, 2), ((1, 1), (1, 1)), use_bias=True, kernel_init=layers.kaiming_fan_out, name="c"
+  )
+  v_ours, v_flax = ours.init(key, x), flax_conv.init(key, x)
+  assert jax.tree.map(jnp.shape, v_ours) == jax.tree.map(jnp.shape, v_flax)
+  for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_flax)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(ours.apply(v_ours, x), flax_conv.apply(v_flax, x), atol=1e-5)

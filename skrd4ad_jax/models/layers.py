@@ -10,6 +10,7 @@ maps one-to-one onto the Flax tree (``layer1.0.conv1.weight`` ->
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 import math
 from typing import Any
 
@@ -35,6 +36,140 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
   return init
 
 
+# How convolutions are computed (the same numbers up to float round-off; see
+# ``conv2d``). 'auto': 'gemm' on XLA's CPU backend, 'xla' elsewhere.
+CONV_IMPLS = ("auto", "gemm", "xla")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DIMENSION_NUMBERS
+  )
+
+
+def _taps(xp: jax.Array, k: int, stride: int, out_h: int, out_w: int):
+  """(a, b, the padded input's window of tap (a, b) at every output position)."""
+  n, _, _, c = xp.shape
+  for a in range(k):
+    for b in range(k):
+      end = (n, a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, c)
+      yield a, b, jax.lax.slice(xp, (0, a, b, 0), end, (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _gemm_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  return _xla_conv(x, kernel, stride, pad)
+
+
+def _gemm_conv_fwd(x, kernel, stride, pad):
+  return _xla_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _gemm_conv_bwd(stride, pad, residuals, g):
+  """Both gradients as GEMMs (XLA:CPU's own backward convolutions are 2-6x slower)."""
+  x, kernel = residuals
+  k, _, c, o = kernel.shape
+  n, h, w, _ = x.shape
+  _, out_h, out_w, _ = g.shape
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  # d kernel[a, b] = sum over positions of window(a, b)^T g: one GEMM per tap.
+  dkernel = jnp.stack(
+    [
+      jnp.einsum("nhwc,nhwo->co", window, g, preferred_element_type=acc)
+      for _, _, window in _taps(xp, k, stride, out_h, out_w)
+    ]
+  ).reshape(k, k, c, o)
+  if stride == 1:
+    # d x is the convolution of g with the flipped, transposed kernel (a forward
+    # convolution, which XLA:CPU computes fast).
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _xla_conv(g, flipped, 1, k - 1 - pad).astype(acc)
+  else:
+    # Strided: each tap's g W[a, b]^T lands on every stride-th input position.
+    hp, wp = xp.shape[1], xp.shape[2]
+    dxp = jnp.zeros(xp.shape, acc)
+    zero = jnp.zeros((), acc)
+    for a in range(k):
+      for b in range(k):
+        t = jnp.einsum("nhwo,co->nhwc", g, kernel[a, b], preferred_element_type=acc)
+        dxp = dxp + jax.lax.pad(
+          t,
+          zero,
+          (
+            (0, 0, 0),
+            (a, hp - a - (stride * (out_h - 1) + 1), stride - 1),
+            (b, wp - b - (stride * (out_w - 1) + 1), stride - 1),
+            (0, 0, 0),
+          ),
+        )
+    dx = dxp[:, pad : pad + h, pad : pad + w]
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
+
+
+def auto_conv_impl() -> str:
+  """What ``impl='auto'`` means on the default backend."""
+  return "gemm" if jax.default_backend() == "cpu" else "xla"
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array:
+  """``torch.nn.functional.conv2d(x, w, stride=stride, padding=k // 2)`` in NHWC / HWIO.
+
+  ``impl='xla'`` is ``lax.conv_general_dilated`` forward and backward. ``'gemm'``
+  computes the same sums as matrix products where XLA's CPU backend is slow:
+  a 1x1 convolution is an ``einsum`` (forward and both gradients are GEMMs;
+  ``lax.conv`` took 4-6x longer for forward + backward on the decoder's
+  shapes), and a 3x3 convolution keeps XLA's fast forward convolution with a
+  custom gradient (the input gradient a forward convolution, the kernel
+  gradient one GEMM per tap; 1.1-2x faster). Larger kernels (the 7x7 stem)
+  use 'xla'. 'auto' picks 'gemm' on the CPU backend. Parameters, shapes and
+  (up to float round-off) numbers are the same (``tests/test_core.py``).
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
+  if impl == "auto":
+    impl = auto_conv_impl()
+  k = kernel.shape[0]
+  pad = k // 2
+  if impl == "xla" or k > 3:
+    return _xla_conv(x, kernel, stride, pad)
+  if k == 1:
+    if stride > 1:
+      x = x[:, ::stride, ::stride]
+    return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
+  return _gemm_conv(x, kernel, stride, pad)
+
+
+class Conv(nn.Module):
+  """A square convolution padded like PyTorch (``padding = kernel // 2``).
+
+  The variables are ``nn.Conv``'s (``kernel`` [k, k, C_in, C_out], ``bias``),
+  in float32, with its dtype promotion; computed by ``conv2d``.
+  """
+
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  use_bias: bool = False
+  kernel_init: Initializer = kaiming_fan_out
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = None
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H', W', O]
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv2d(x, kernel, self.stride, self.impl)
+    return y if bias is None else y + bias
+
+
 def conv(
   features: int,
   kernel: int = 3,
@@ -45,14 +180,12 @@ def conv(
   kernel_init: Initializer = kaiming_fan_out,
   bias_init: Initializer = nn.initializers.zeros,
   dtype: Any = None,
-) -> nn.Conv:
+) -> Conv:
   """A square convolution padded like PyTorch (``padding = kernel // 2``)."""
-  pad = kernel // 2
-  return nn.Conv(
+  return Conv(
     features,
-    (kernel, kernel),
-    strides=(stride, stride),
-    padding=((pad, pad), (pad, pad)),
+    kernel,
+    stride,
     use_bias=use_bias,
     kernel_init=kernel_init,
     bias_init=bias_init,

@@ -134,3 +134,24 @@ class Prefetcher:
     self.pending.clear()
     if self.pool is not None:
       self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def synthetic_batch(method, config, num_slots, np_rng):
+  """Random data shaped like the trainer's device batch: [num_slots, B, ...] (benchmarks)."""
+  b, s = int(config.train.batch_size), int(config.data.image_size)
+  if config.train.get("cache_teacher_features", False):
+    if not method.supports_feature_cache:
+      raise ValueError(
+        "config.train.cache_teacher_features needs a method without input "
+        f"augmentation; {method.name} augments its inputs."
+      )
+    return {
+      f"feature{level + 1}": np_rng.standard_normal((num_slots, *shape), np.float32)
+      for level, shape in enumerate(method.feature_shapes(b))
+    }
+  category = (tuple(config.data.categories) or ("synthetic",))[0]
+  slots = [
+    method.make_batch(np_rng.standard_normal((b, s, s, 3)).astype(np.float32), np_rng, category)
+    for _ in range(num_slots)
+  ]
+  return {k: np.stack([x[k] for x in slots]) for k in slots[0]}
