@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine with Python >= 3.10:
 #
 #   make demo   create (or reuse) the environment, install, run the embedded demo
-#   make test   create (or reuse) the environment, install, run the test suite
+#   make test   create (or reuse) the environment, install, run the whole test suite
 #
 # The environment is a virtualenv in $(VENV) (default .venv), made with $(PYTHON).
 # To use an environment you manage yourself, install by hand instead (README).
@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m skrd4ad_jax.main --config=configs/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not accelerator"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

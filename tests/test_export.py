@@ -174,6 +174,7 @@ def _boundary_threshold(results):
 # Parity.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sk_rd4ad", "rd4ad", "mrkd", "rd_expert"])
 def test_exported_models_reproduce_predict(exports, references, test_paths, method):
   reference = references[method]
@@ -206,6 +207,7 @@ def test_exported_models_reproduce_predict(exports, references, test_paths, meth
     assert list(written["outputs"]) == list(spec.RAW_OUTPUTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,thresholds_as", [("onnx", "inputs"), ("saved_model", "constants")])
 def test_postprocessing_outputs(exports, references, test_paths, tmp_path, fmt, thresholds_as):
   _, predictor = exports["sk_rd4ad", fmt]
@@ -246,6 +248,7 @@ def test_postprocessing_outputs(exports, references, test_paths, tmp_path, fmt, 
     assert set(model.spec["inputs"]) == {spec.INPUT_NAME}
 
 
+@pytest.mark.slow
 def test_thresholds_are_data(exports, references, test_paths, tmp_path):
   directory, predictor = exports["sk_rd4ad", "onnx"]
   threshold = _boundary_threshold(references["sk_rd4ad"])
@@ -270,6 +273,7 @@ def test_thresholds_are_data(exports, references, test_paths, tmp_path):
 # The command lines, and the runner without JAX.
 
 
+@pytest.mark.slow
 def test_cli_export_and_runner_without_jax(runs, exports, test_paths, tmp_path):
   workdirs, _ = runs
   model_dir = tmp_path / "model"
@@ -376,6 +380,7 @@ def test_cli_export_and_runner_without_jax(runs, exports, test_paths, tmp_path):
 # Bad input: one line naming the fix.
 
 
+@pytest.mark.slow
 def test_unknown_format_is_one_line(runs, tmp_path):
   workdirs, _ = runs
   proc = subprocess.run(
@@ -398,6 +403,7 @@ def test_unknown_format_is_one_line(runs, tmp_path):
   assert lines == ["error: Unknown --format='tflite'; choose one of onnx, saved_model."]
 
 
+@pytest.mark.slow
 def test_unfinished_checkpoint_and_seeds(runs, tmp_path):
   workdirs, data_root = runs
   # A periodic (not final) checkpoint, as an interrupted run leaves it.
@@ -422,6 +428,7 @@ def test_unfinished_checkpoint_and_seeds(runs, tmp_path):
     exporter.load_finished(unfinished, CATEGORY, seed=3)
 
 
+@pytest.mark.slow
 def test_missing_dependency_is_one_line(runs, tmp_path, monkeypatch):
   workdirs, _ = runs
   for module, fmt in (("onnx", "onnx"), ("tensorflow", "saved_model")):
@@ -450,6 +457,7 @@ def test_runner_bad_model_dir(tmp_path):
 # Pieces.
 
 
+@pytest.mark.slow
 def test_runner_preprocessing_is_the_pipelines(tmp_path, test_paths):
   rng = np.random.default_rng(0)
   files = list(test_paths[:2])

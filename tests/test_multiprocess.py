@@ -98,6 +98,7 @@ def _results(workdir):
     return {r["category"]: r for r in csv.DictReader(f) if r["category"] in CATEGORIES}
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(data_root, tmp_path):
   cache_dir = str(tmp_path / "xla_cache")
   single = tmp_path / "single"

@@ -468,6 +468,7 @@ def data_root(tmp_path_factory):
 # -- tests ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parallel_run_equals_categories_trained_alone(data_root, cache_dir, tmp_path):
   """3 jobs of different lengths, in slots of their own or queued, = each alone."""
   runs = [
@@ -573,6 +574,7 @@ def test_category_loops_match_single_step(cache_dir, tmp_path):
     assert d["rel_l2"] <= 1e-2 and d["frac_over_1e-4"] <= 2e-3, out["vmap_vs_unroll"]
 
 
+@pytest.mark.slow
 def test_resume_continues_and_finished_run_only_reevaluates(data_root, cache_dir, tmp_path):
   """More epochs resume from the last checkpoint; a finished run is only re-evaluated."""
   category = "gravel"  # 4 training images: 2 steps per epoch at batch 2
@@ -606,6 +608,7 @@ def test_resume_continues_and_finished_run_only_reevaluates(data_root, cache_dir
     assert again["metrics"][m] == pytest.approx(resumed["metrics"][m], abs=1e-6), m
 
 
+@pytest.mark.slow
 def test_seed_k_of_a_multi_seed_run_is_the_single_seed_run_with_seed_plus_k(
   data_root, cache_dir, tmp_path
 ):

@@ -84,6 +84,7 @@ PREEMPT_FLAGS = [
 ]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run, tmp_path):
   _, _, data_root = tiny_run
   flags = [*PREEMPT_FLAGS, f"--config.data.root={data_root}"]
@@ -138,6 +139,7 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run
   log.close()
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_run, tmp_path):
   config, workdir, data_root = tiny_run
   copy = tmp_path / "run"
