@@ -138,8 +138,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto")
   if impl == "xla" or k > 3:
     return _xla_conv(x, kernel, stride, pad)
   if k == 1:
-    if stride > 1:
-      x = x[:, ::stride, ::stride]
+    if stride > 1:  # a strided slice (not indexing, which becomes a gather)
+      x = jax.lax.slice(x, (0,) * x.ndim, x.shape, (1, stride, stride, 1))
     return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
   return _gemm_conv(x, kernel, stride, pad)
 
