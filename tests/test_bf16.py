@@ -88,6 +88,7 @@ def pixel_auroc(method, state, teacher_vars, images, masks):
   return metrics.pixel_auroc(masks, maps)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_bf16_maps_rank_pixels_like_float32_and_bf16_training_lowers_the_loss(demo):
   train_images, test_images, masks = demo
@@ -106,6 +107,7 @@ def test_bf16_maps_rank_pixels_like_float32_and_bf16_training_lowers_the_loss(de
       assert leaf.dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sk_rd4ad", "rd4ad", "mrkd", "rd_expert"])
 def test_every_method_trains_and_maps_in_bf16_with_float32_state(name, demo):
   train_images, test_images, _ = demo

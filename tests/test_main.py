@@ -162,6 +162,7 @@ def test_missing_train_good_is_named(tiny_data, tmp_path):
   assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_range_and_keeps_results(tiny_run, tmp_path):
   config, workdir, _ = tiny_run
   run = tmp_path / "run"

@@ -123,6 +123,7 @@ def test_mask_at_test_flag(teacher_vars, state):
   assert sto.describe()["mask_at_test"] is True
 
 
+@pytest.mark.slow
 def test_vmapped_two_category_training_lowers_the_loss(method, teacher_vars, state):
   steps = 20
   categories = ("carpet", "bottle")

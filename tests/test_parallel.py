@@ -532,6 +532,7 @@ def test_parallel_run_equals_categories_trained_alone(data_root, cache_dir, tmp_
   shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_category_loops_match_single_step(cache_dir, tmp_path):
   """'unroll' and 'vmap' steps (with padding, a data axis, an inactive slot) = alone.
 
@@ -661,6 +662,7 @@ def test_seed_k_of_a_multi_seed_run_is_the_single_seed_run_with_seed_plus_k(
   shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_without_tensorflow(tmp_path):
   """scripts/benchmark.py on the tiny config with ``import tensorflow`` made to fail."""
   blocker = tmp_path / "no_tf"

@@ -155,6 +155,7 @@ def test_make_batch_draem(method):
   )
 
 
+@pytest.mark.slow
 def test_vmapped_two_category_training(method, teacher_vars, state):
   steps = 20
   categories = ("carpet", "bottle")

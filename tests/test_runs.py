@@ -191,6 +191,7 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
   assert "No checkpoint of 'brick'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_config_end_to_end_at_a_two_step_budget(tmp_path):
   """configs/demo.py as `make demo` runs it: demo data, HED teacher, feature cache, baseline."""
   workdir = tmp_path / "demo"
