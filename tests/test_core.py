@@ -89,6 +89,7 @@ def small():
   return sk, rd, tv
 
 
+@pytest.mark.slow
 def test_skip_flag_changes_outputs_not_parameters(small):
   sk, rd, tv = small
   s_sk = sk.init(jax.random.PRNGKey(0), tv)

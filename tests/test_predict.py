@@ -196,6 +196,7 @@ def test_folder_with_corrupt_files_skips_them_and_predicts_the_rest(tiny_run, pr
   assert set(np.unique(mask)) <= {0, 255}
 
 
+@pytest.mark.slow
 def test_cli_predicts_folder_and_reports_bad_file(tiny_run, tmp_path):
   _, workdir, data_root = tiny_run
   images = _make_folder(tmp_path, data_root, good=1)

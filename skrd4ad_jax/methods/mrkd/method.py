@@ -25,11 +25,13 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from skrd4ad_jax.config import defaults
 from skrd4ad_jax.methods.distill import DistillationMethod
 from skrd4ad_jax.methods.mrkd import ilm
 from skrd4ad_jax.methods.mrkd.heads import FLM_RNG, MRKDStudent
 
-DEFAULTS = ml_collections.ConfigDict(dict(mask_ratio=0.2, mask_at_test=False))
+# The one table of defaults is config/defaults.py.
+DEFAULTS = defaults.get_config().mrkd
 
 
 def mrkd_config(config) -> ml_collections.ConfigDict:

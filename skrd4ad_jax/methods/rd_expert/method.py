@@ -57,23 +57,15 @@ import numpy as np
 import optax
 
 from skrd4ad_jax import interpolation, losses
+from skrd4ad_jax.config import defaults
 from skrd4ad_jax.methods.base import Method
 from skrd4ad_jax.methods.rd_expert import draem
 from skrd4ad_jax.methods.rd_expert.student import ExpertStudent, trainable_teacher, xavier_reinit
 from skrd4ad_jax.models.student import student_layout
 from skrd4ad_jax.training.train import TrainState, adam
 
-DEFAULTS = ml_collections.ConfigDict(
-  dict(
-    gated=False,
-    teacher_learning_rate=1e-4,
-    texture_dir="",
-    foreground="otsu",
-    num_steps=5000,
-    long_categories="cable,transistor",
-    long_num_steps=10000,
-  )
-)
+# The one table of defaults is config/defaults.py.
+DEFAULTS = defaults.get_config().rd_expert
 
 
 def rd_expert_config(config) -> ml_collections.ConfigDict:
