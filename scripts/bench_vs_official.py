@@ -153,8 +153,7 @@ def main(argv):
   if FLAGS.side:  # a child: one side, figures as JSON on the last line of stdout
     print(json.dumps(time_side(FLAGS.side, config)), flush=True)
     return
-  import jax
-  import torch
+  from importlib import metadata
 
   b = int(config.train.batch_size)
   load_before = os.getloadavg()
@@ -167,9 +166,10 @@ def main(argv):
     "cache_teacher_features": bool(config.train.get("cache_teacher_features", False)),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "conv_impl": FLAGS.conv_impl,
-    "jax_version": jax.__version__,
-    "torch_version": torch.__version__,
-    "torch_threads": os.cpu_count(),
+    # Versions without importing either into this parent process (the sides run
+    # in children; torch uses cpu_count threads there).
+    "jax_version": metadata.version("jax"),
+    "torch_version": metadata.version("torch"),
     "cpu_count": os.cpu_count(),
     "load_average_before": load_before,
   }
@@ -196,7 +196,7 @@ def main(argv):
     result["ours_images_per_second"] / result["official_images_per_second"]
   )
   print(
-    f"official RD4AD (PyTorch, {result['torch_threads']} threads): "
+    f"official RD4AD (PyTorch, {result['cpu_count']} threads): "
     f"{result['official_step_seconds']:.2f} s/step, "
     f"{result['official_images_per_second']:.3f} img/s | ours ({config.model.name}"
     f"{', cached teacher features' if result['cache_teacher_features'] else ''}): "
