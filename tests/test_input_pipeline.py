@@ -1,4 +1,4 @@
-"""Tests for skrd4ad_jax.data.input_pipeline (tf.data, CPU only)."""
+"""Tests for data_pipelines.input_pipeline (tf.data, CPU only)."""
 
 import io
 import os
@@ -9,8 +9,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from data_pipelines import input_pipeline
 from skrd4ad_jax import normalization
-from skrd4ad_jax.data import folder, input_pipeline
+from skrd4ad_jax.data import folder
 
 tf.config.set_visible_devices([], "GPU")
 

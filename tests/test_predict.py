@@ -16,8 +16,9 @@ import zlib
 import numpy as np
 import pytest
 
+from data_pipelines import input_pipeline
 from skrd4ad_jax import predict
-from skrd4ad_jax.data import folder, input_pipeline
+from skrd4ad_jax.data import folder
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.training import train
 

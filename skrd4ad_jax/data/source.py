@@ -102,9 +102,9 @@ class DataSource:
       Dicts: ``image`` float32 [B, S, S, 3] ImageNet-normalised, ``image_8bit``
       uint8 [B, S, S, 3], ``index`` int64 [B] (position in ``paths``, -1 for
       padding), ``valid`` bool [B], and ``failures``: (index, message) of the
-      files that could not be loaded since the previous batch (all before this
-      batch's last index). A last dict may hold only ``failures`` (files after
-      the last image that loaded).
+      files that could not be loaded since the previous batch (before this
+      batch's last image; the last batch also has those after it). A last dict
+      holds only ``failures`` when files fail after a full batch (or all fail).
     """
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
