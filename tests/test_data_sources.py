@@ -312,29 +312,30 @@ def test_data_side_imports_and_decodes_without_tensorflow(tmp_path):
   assert proc.stderr.count("TensorFlow cannot be imported") == 1, proc.stderr
 
 
+def test_import_registers_the_builders_without_tensorflow():
+  code = (
+    "import sys\n"
+    "import data_pipelines\n"
+    "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
+    "import tensorflow_datasets as tfds\n"
+    "print(sorted(tfds.builder_cls(n).__module__ for n in ('mvtec_ad', 'visa', 'vad')))\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "['data_pipelines.mvtec_ad', 'data_pipelines.vad', 'data_pipelines.visa']" in proc.stdout
+
+
 # clu's TensorBoard writer is TensorFlow's summary writer; with TensorFlow blocked
 # it is replaced by one that writes nothing (what the trainer needs is its own
 # choice; this test is about the data).
 NO_SUMMARIES = (
   "import types\n"
-  "from clu.metric_writers import interface\n"
-  "class SummaryWriter(interface.MetricWriter):\n"
+  "class SummaryWriter:\n"
   "  def __init__(self, logdir): pass\n"
-  "  def write_summaries(self, *a, **k): pass\n"
-  "  def write_scalars(self, *a, **k): pass\n"
-  "  def write_images(self, *a, **k): pass\n"
-  "  def write_videos(self, *a, **k): pass\n"
-  "  def write_audios(self, *a, **k): pass\n"
-  "  def write_texts(self, *a, **k): pass\n"
-  "  def write_histograms(self, *a, **k): pass\n"
-  "  def write_pointcloud(self, *a, **k): pass\n"
-  "  def write_hparams(self, *a, **k): pass\n"
-  "  def flush(self): pass\n"
-  "  def close(self): pass\n"
+  "  def __getattr__(self, name): return lambda *args, **kwargs: None\n"
   "stub = types.ModuleType('clu.metric_writers.summary_writer')\n"
   "stub.SummaryWriter = SummaryWriter\n"
   "sys.modules['clu.metric_writers.summary_writer'] = stub\n"
-  "sys.modules['clu.metric_writers.tf'] = None\n"
 )
 RUN_MAIN = (
   "import runpy\n"
@@ -375,4 +376,6 @@ def test_tiny_run_without_tensorflow_equals_tf_run(tmp_path):
     runs[name] = (proc, _results(os.path.join(workdir, "results.csv")))
   assert "TensorFlow cannot be imported" in runs["no_tf"][0].stderr
   assert "TensorFlow cannot be imported" not in runs["tf"][0].stderr
-  assert runs["tf"][1] and runs["no_tf"][1] == runs["tf"][1]
+  assert [r["category"] for r in runs["tf"][1]] == ["brick", "mean"]
+  assert "image_auroc" in runs["tf"][1][0] and "pixel_aupro" in runs["tf"][1][0]
+  assert runs["no_tf"][1] == runs["tf"][1]
