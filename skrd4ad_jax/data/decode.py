@@ -71,18 +71,20 @@ def pil_bilinear_coeffs(in_size, out_size) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _resize_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-  """One of Pillow's 8-bit passes along ``axis`` of int64 [H, W, C] values."""
+  """One of Pillow's 8-bit passes along ``axis`` of int32 [H, W, C] values in [0, 255].
+
+  int32 as in Pillow and TensorFlow: the weights of a window sum to about
+  ``2**22``, so ``255 *`` that sum stays below ``2**31``.
+  """
   if image.shape[axis] == out_size:  # Pillow skips a pass whose size does not change.
     return image
   index, weight = pil_bilinear_coeffs(image.shape[axis], out_size)
   shape = list(image.shape)
   shape[axis] = out_size
-  total = np.full(shape, 1 << (PIL_PRECISION_BITS - 1), np.int64)
+  total = np.full(shape, 1 << (PIL_PRECISION_BITS - 1), np.int32)
+  w = weight[:, :, None, None] if axis == 0 else weight[None, :, :, None]
   for k in range(index.shape[1]):  # One tap at a time keeps the memory at one output.
-    if axis == 0:
-      total += image[index[:, k]] * weight[:, k, None, None]
-    else:
-      total += image[:, index[:, k]] * weight[None, :, k, None]
+    total += np.take(image, index[:, k], axis=axis) * (w[:, k] if axis == 0 else w[:, :, k])
   return np.clip(total >> PIL_PRECISION_BITS, 0, 255)
 
 
@@ -96,7 +98,7 @@ def resize_8bit(image: np.ndarray, image_size: int) -> np.ndarray:
   Returns:
     uint8 [S, S, C].
   """
-  image = np.asarray(image).astype(np.int64)
+  image = np.asarray(image).astype(np.int32)
   image = _resize_axis(image, image_size, axis=1)
   image = _resize_axis(image, image_size, axis=0)
   return image.astype(np.uint8)
@@ -207,5 +209,5 @@ def decode_mask_binary(
     uint8 [S, S] in {0, 1}.
   """
   defect = np.any(_unit_or_8bit(_contents(path_or_bytes)) > 0, axis=-1)
-  resized = resize_8bit(defect[..., None].astype(np.int64) * 255, image_size)[..., 0]
+  resized = resize_8bit(defect[..., None].astype(np.int32) * 255, image_size)[..., 0]
   return (resized.astype(np.float32) / np.float32(255.0) > np.float32(threshold)).astype(np.uint8)
