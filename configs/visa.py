@@ -9,9 +9,9 @@
 
 import os
 
+from skrd4ad_jax import categories
 from skrd4ad_jax import config as config_lib
 from skrd4ad_jax.config import defaults
-from skrd4ad_jax.data import categories
 
 CATEGORIES = categories.VISA
 

@@ -202,10 +202,11 @@ def main(argv):
 
 def train(config, workdir: str) -> None:
   """Trains under the workdir lock; a user's mistake ends in one line per problem."""
-  # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
-  import tensorflow as tf
+  # TensorFlow (when installed) is only the input pipeline: select_source keeps it off the
+  # accelerators JAX uses; without it the data are decoded with Pillow, to the same arrays.
+  import data_pipelines
 
-  tf.config.set_visible_devices([], "GPU")
+  source = data_pipelines.select_source(config.data)
   initialize_distributed()
   import jax
 
@@ -233,7 +234,7 @@ def train(config, workdir: str) -> None:
   logging.info("workdir: %s", os.path.abspath(workdir))
   try:
     with workdir_held(workdir):  # (already held by the one process; a no-op then)
-      trainer.train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only)
+      trainer.train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only, source=source)
   except trainer.Preempted as e:
     # Checkpoints are written; the exit status says which signal stopped the run.
     print(str(e), file=sys.stderr, flush=True)

@@ -11,10 +11,11 @@ be left out when the run trained a single category.
 The latest checkpoint of the category carries everything needed: the config
 (the method is rebuilt from it), the thresholds and the score normalisation
 (its JSON item, written by ``trainer.py``). Images are decoded exactly as the
-evaluation pipeline decodes them (``skrd4ad_jax.data.input_pipeline``), streamed
-through tf.data in batches of ``--batch_size`` (default: the run's
-``config.eval.batch_size``, which also reproduces the evaluation's raw scores
-bit for bit), so memory does not grow with the size of the folder.
+evaluation decodes them, by the data source the command line picks
+(``data_pipelines.select_source``: tf.data, or Pillow without TensorFlow; the
+same arrays either way), streamed in batches of ``--batch_size`` (default: the
+run's ``config.eval.batch_size``, which also reproduces the evaluation's raw
+scores bit for bit), so memory does not grow with the size of the folder.
 
 Outputs in ``--output``:
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 import os
-import re
 import sys
 from typing import Any
 import warnings
@@ -48,6 +48,7 @@ import numpy as np
 
 from skrd4ad_jax import methods, teachers
 from skrd4ad_jax.data import folder
+from skrd4ad_jax.data import source as source_lib
 from skrd4ad_jax.evaluation.prediction_output import (  # noqa: F401 (the module's API)
   CSV_COLUMNS,
   MASK_DIR,
@@ -148,107 +149,6 @@ def resolve_job(workdir: str, category: str | None, seed: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Input streaming.
-
-
-def _failure_message(path: str, image_size: int) -> str:
-  """Why ``path`` could not be loaded (the streaming pipeline only drops it)."""
-  try:
-    folder.check_image(path)
-  except folder.DatasetError as e:
-    return str(e)
-  try:
-    from skrd4ad_jax.data import input_pipeline
-
-    input_pipeline.decode_and_resize(path, image_size).numpy()
-  except Exception as e:
-    first = (str(e).strip().splitlines() or [""])[0]
-    # TensorFlow wraps the decoder's words in op names: keep the words.
-    first = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", first))
-    return (
-      f"Could not decode image {path} ({type(e).__name__}: {first}). Fix: replace "
-      "the file with a valid image or remove it."
-    )
-  return f"Could not load image {path}."
-
-
-def stream_batches(
-  paths: Sequence[str], image_size: int, batch_size: int
-) -> Iterator[tuple[dict[str, np.ndarray], list[tuple[int, str]]]]:
-  """Decodes ``paths`` in order, as the evaluation pipeline does, in padded batches.
-
-  Args:
-    paths: image files.
-    image_size: side of the network input.
-    batch_size: images per batch; the last batch is padded with zeros.
-
-  Yields:
-    (batch, failures): ``batch`` holds ``image`` float32 [B, S, S, 3]
-    ImageNet-normalised, ``image_8bit`` uint8 [B, S, S, 3], ``index`` int64 [B]
-    (position in ``paths``, -1 for padding) and ``valid`` bool [B];
-    ``failures`` lists (index, message) of the files dropped since the
-    previous batch, up to this batch's last index (a last item ``(None,
-    failures)`` reports files dropped after the last batch).
-  """
-  # TensorFlow stays at the edge: only this function needs it.
-  import tensorflow as tf
-
-  from skrd4ad_jax.data import input_pipeline
-
-  input_pipeline.configure_tensorflow()
-
-  def readable(path: bytes) -> np.ndarray:
-    try:
-      folder.check_image(path.decode())
-    except folder.DatasetError:
-      return np.array(False)
-    return np.array(True)
-
-  def check(index, path):
-    return index, path, tf.numpy_function(readable, [path], tf.bool, stateful=False)
-
-  def load(index, path):
-    image = input_pipeline.decode_image_8bit(tf.io.read_file(path), image_size)
-    return {"index": index, "image_8bit": image, "image": input_pipeline.normalize(image)}
-
-  n = len(paths)
-  ds = tf.data.Dataset.from_tensor_slices(
-    (tf.range(n, dtype=tf.int64), tf.constant(list(paths), tf.string, shape=[n]))
-  )
-  # A bad file is dropped here and reported from the gap in the indices, so it
-  # does not stop the stream. PIL's check first drops most of them quietly
-  # (TensorFlow logs a traceback for each decoder error it meets).
-  ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda i, p, ok: ok)
-  ds = ds.map(lambda i, p, ok: load(i, p), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.ignore_errors()
-  ds = ds.batch(batch_size).prefetch(input_pipeline.PREFETCH_BATCHES)
-  ds = ds.with_options(input_pipeline.dataset_options())
-
-  expected = 0
-  for batch in ds.as_numpy_iterator():
-    index = batch["index"]  # ascending
-    seen = set(index.tolist())
-    failures = [
-      (i, _failure_message(paths[i], image_size))
-      for i in range(expected, int(index[-1]))
-      if i not in seen
-    ]
-    expected = int(index[-1]) + 1
-    m = len(index)
-    pad = batch_size - m
-    padded = {
-      k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-      for k, v in batch.items()
-      if k != "index"
-    }
-    padded["index"] = np.concatenate([index, -np.ones(pad, np.int64)])
-    padded["valid"] = np.arange(batch_size) < m
-    yield padded, failures
-  if expected < n:
-    yield None, [(i, _failure_message(paths[i], image_size)) for i in range(expected, n)]
-
-
-# ---------------------------------------------------------------------------
 # The predictor.
 
 
@@ -264,14 +164,23 @@ class Predictor(ThresholdedPredictor):
     thresholds: image/pixel thresholds and normalisation (floats, NaN when
       not chosen) with ``rule`` and ``source``.
     image_size: side of the network input.
+    source: the ``DataSource`` that decodes the images.
   """
 
-  def __init__(self, workdir: str, category: str | None = None, seed: int = 0):
+  def __init__(
+    self,
+    workdir: str,
+    category: str | None = None,
+    seed: int = 0,
+    source: source_lib.DataSource | None = None,
+  ):
     """Restores the latest checkpoint of ``category``'s seed ``seed`` (``resolve_job``).
 
     ``self.category`` is then the job's name: the category for seed 0,
-    ``<category>/seed_<k>`` otherwise.
+    ``<category>/seed_<k>`` otherwise. ``source`` decodes the images (None =
+    ``PillowSource()``; the command line passes ``data_pipelines.select_source()``).
     """
+    self.source = source or source_lib.PillowSource()
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     self.category = resolve_job(self.workdir, category, seed)
     manager = checkpoints.make_manager(self.workdir, self.category, read_only=True)
@@ -344,9 +253,9 @@ class Predictor(ThresholdedPredictor):
     paths = [os.fspath(p) for p in paths]
     if not paths:
       return
-    for batch, failures in stream_batches(paths, self.image_size, batch_size):
-      ordered = [(i, ImageResult(image_path=paths[i], error=message)) for i, message in failures]
-      if batch is not None:
+    for batch in self.source.image_batches(paths, self.image_size, batch_size):
+      ordered = [(i, ImageResult(image_path=paths[i], error=m)) for i, m in batch["failures"]]
+      if "valid" in batch:
         maps, scores = self._eval_step(self.state, self.teacher_vars, batch["image"], self.rng)
         maps = np.asarray(maps, np.float32)  # [B, S, S]
         scores = np.asarray(scores, np.float32)  # [B]
@@ -359,7 +268,11 @@ class Predictor(ThresholdedPredictor):
 
 
 def predict_images(
-  workdir: str, category: str | None, paths: Sequence[str], batch_size: int | None = None
+  workdir: str,
+  category: str | None,
+  paths: Sequence[str],
+  batch_size: int | None = None,
+  source: source_lib.DataSource | None = None,
 ) -> Iterator[ImageResult]:
   """Predicts images with the latest checkpoint of a category of a run.
 
@@ -368,6 +281,7 @@ def predict_images(
     category: the category; None when the run trained exactly one.
     paths: image files, e.g. ``skrd4ad_jax.data.folder.list_images('dir/')``.
     batch_size: images per batch; None = the run's ``config.eval.batch_size``.
+    source: the ``DataSource`` that decodes the images (None = Pillow).
 
   Yields:
     One ``ImageResult`` per path, in order (unreadable files carry ``error``
@@ -376,7 +290,7 @@ def predict_images(
   Raises:
     PredictError: no run / checkpoint, or a category that was not trained.
   """
-  yield from Predictor(workdir, category).predict(paths, batch_size)
+  yield from Predictor(workdir, category, source=source).predict(paths, batch_size)
 
 
 # ---------------------------------------------------------------------------
@@ -428,8 +342,12 @@ def run(
   batch_size: int | None = None,
   log=print,
   seed: int = 0,
+  source: source_lib.DataSource | None = None,
 ) -> dict[str, Any]:
   """The command line's work: resolve, restore, predict, write; see module doc.
+
+  ``source`` decodes the images (None = Pillow; the command line passes
+  ``data_pipelines.select_source()``).
 
   Raises:
     PredictError / DatasetError: a message for the user (no run, untrained
@@ -438,7 +356,7 @@ def run(
   category = resolve_category(workdir, category)  # Fails before any image listing.
   resolve_job(workdir, category, seed)
   paths = input_images(input_path, output)
-  predictor = Predictor(workdir, category, seed)
+  predictor = Predictor(workdir, category, seed, source)
   log(f"[{predictor.category}] checkpoint step {predictor.step}; {predictor.describe_thresholds()}")
   log(f"[{predictor.category}] predicting {len(paths)} image(s) into {output}")
   summary = write_predictions(predictor, paths, output, batch_size or None, save_masks, log)
@@ -459,6 +377,8 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
   # A warning (e.g. no thresholds) reads as one line, not as a source excerpt.
   warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+  import data_pipelines
+
   try:
     run(
       FLAGS.workdir,
@@ -469,6 +389,7 @@ def main(argv):
       FLAGS.batch_size,
       log=lambda s: print(s, flush=True),
       seed=FLAGS.seed,
+      source=data_pipelines.select_source(),
     )
   except (folder.DatasetError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -21,8 +21,9 @@ from PIL import Image
 import pytest
 from small_models import small_config
 
+from data_pipelines import input_pipeline
 from skrd4ad_jax import methods, normalization, predict, teachers
-from skrd4ad_jax.data import folder, input_pipeline
+from skrd4ad_jax.data import folder
 from skrd4ad_jax.export import exporter, onnx_converter, spec
 from skrd4ad_jax.export import run as runner
 from skrd4ad_jax.training import checkpoints

@@ -1,4 +1,4 @@
-"""Tests for skrd4ad_jax.data.input_pipeline (tf.data, CPU only)."""
+"""Tests for data_pipelines.input_pipeline (tf.data, CPU only)."""
 
 import io
 import os
@@ -9,8 +9,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from data_pipelines import input_pipeline
 from skrd4ad_jax import normalization
-from skrd4ad_jax.data import folder, input_pipeline
+from skrd4ad_jax.data import folder, source
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -221,6 +222,13 @@ def data_config(root, **kwargs):
   return cfg
 
 
+# Both data sources build CategoryData the same way (tests/test_data_sources.py compares them).
+MAKERS = {
+  "tf.data": input_pipeline.make_category_data,
+  "pillow": lambda cfg, category: source.PillowSource().category_data(cfg, category),
+}
+
+
 def _ids(batch):
   """Image indices of a train batch of constant images."""
   value = _to_8bit(batch)[:, 0, 0, 0]
@@ -269,10 +277,11 @@ def test_train_batches_always_full(tmp_path):
   assert _job(data, 12, seed=0).batch(0)["image"].shape == (12, SIZE, SIZE, 3)
 
 
-def test_eval_covers_every_image_with_padding(tmp_path):
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_eval_covers_every_image_with_padding(tmp_path, maker):
   make_tree(str(tmp_path))
   cfg = data_config(str(tmp_path), val_fraction=0.3)
-  data = input_pipeline.make_category_data(cfg, "cat")
+  data = MAKERS[maker](cfg, "cat")
   splits = folder.scan_category(str(tmp_path), "cat", 0.3, 0)
   assert data.has_masks and (data.num_train, data.num_val) == (5, 2)
   for _ in range(2):  # The second pass reads the decoded images from memory.
@@ -303,18 +312,20 @@ def test_eval_covers_every_image_with_padding(tmp_path):
   assert not val[0]["gt_label"].any()
 
 
-def test_no_masks_gives_zero_masks(tmp_path):
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_no_masks_gives_zero_masks(tmp_path, maker):
   make_tree(str(tmp_path), masks=False)
-  data = input_pipeline.make_category_data(data_config(str(tmp_path)), "cat")
+  data = MAKERS[maker](data_config(str(tmp_path)), "cat")
   assert not data.has_masks
   batch = next(data.eval_batches("test", batch_size=8))
   assert not batch["gt_mask"].any() and batch["gt_label"].sum() == 4
   assert not list(data.eval_batches("val", batch_size=8))  # No hold-out.
 
 
-def test_decode_failures_are_all_named_before_use(tmp_path):
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_decode_failures_are_all_named_before_use(tmp_path, maker):
   base = make_tree(str(tmp_path))
-  data = input_pipeline.make_category_data(data_config(str(tmp_path)), "cat")
+  data = MAKERS[maker](data_config(str(tmp_path)), "cat")
   bad = os.path.join(base, "test", "hole", "000.png")
   with open(bad, "wb") as f:
     f.write(b"\x89PNG broken")
@@ -347,9 +358,10 @@ def test_demo_source_uses_demo_generator(tmp_path, monkeypatch):
   assert data.num_test == 6 and calls[0] == (None, 0)
 
 
-def test_unknown_source_and_category(tmp_path):
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_unknown_source_and_category(tmp_path, maker):
   make_tree(str(tmp_path))
   with pytest.raises(folder.DatasetError, match="source"):
-    input_pipeline.make_category_data(data_config(str(tmp_path), source="ftp"), "cat")
+    MAKERS[maker](data_config(str(tmp_path), source="ftp"), "cat")
   with pytest.raises(folder.DatasetError, match="cat"):
-    input_pipeline.make_category_data(data_config(str(tmp_path)), "dog")
+    MAKERS[maker](data_config(str(tmp_path)), "dog")

@@ -16,8 +16,10 @@ import zlib
 import numpy as np
 import pytest
 
+import data_pipelines
+from data_pipelines import input_pipeline
 from skrd4ad_jax import predict
-from skrd4ad_jax.data import folder, input_pipeline
+from skrd4ad_jax.data import folder
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.training import train
 
@@ -97,12 +99,14 @@ def test_predict_reproduces_evaluation_scores(tiny_run, predictor):
     data.has_masks,
   )
 
-  results = list(predict.predict_images(workdir, CATEGORY, ev.paths))
-  assert [r.image_path for r in results] == ev.paths
-  assert all(r.ok for r in results)
-  raw = np.array([r.pred_score_raw for r in results], np.float32)
-  np.testing.assert_array_equal(raw, ev.scores)
-  np.testing.assert_array_equal(np.stack([r.anomaly_map for r in results]), ev.maps)
+  # The evaluation's data came through tf.data; predict decodes with Pillow, or tf.data.
+  for source in (None, data_pipelines.TFDataSource()):
+    results = list(predict.predict_images(workdir, CATEGORY, ev.paths, source=source))
+    assert [r.image_path for r in results] == ev.paths
+    assert all(r.ok for r in results)
+    raw = np.array([r.pred_score_raw for r in results], np.float32)
+    np.testing.assert_array_equal(raw, ev.scores)
+    np.testing.assert_array_equal(np.stack([r.anomaly_map for r in results]), ev.maps)
 
   # The trainer's own in-memory evaluation, stored in the checkpoint, is
   # reproduced from the predicted maps and scores: every metric, exactly.

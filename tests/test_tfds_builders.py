@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from skrd4ad_jax.data import folder, input_pipeline, mvtec_ad, vad, visa
+from data_pipelines import input_pipeline, mvtec_ad, vad, visa
+from skrd4ad_jax.data import folder
 
 tf.config.set_visible_devices([], "GPU")
 

@@ -85,7 +85,7 @@ def get_config():
 
   config.data = ml_collections.ConfigDict()
   # 'folder' (an MVTec-layout tree at data.root), 'tfds' (builders in
-  # skrd4ad_jax/data/), or 'demo' (generated offline from scikit-image photos).
+  # data_pipelines/), or 'demo' (generated offline from scikit-image photos).
   config.data.source = "folder"
   config.data.dataset = "mvtec_ad"  # tfds builder name; also picks the published numbers
   config.data.root = ""

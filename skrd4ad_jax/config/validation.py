@@ -358,7 +358,7 @@ def _check_train(c: _Checks) -> None:
 def _check_data(c: _Checks) -> None:
   c.choice("data.source", DATA_SOURCES)
   if c.get("data.source") == "tfds":
-    c.choice("data.dataset", TFDS_DATASETS, " These are the tfds builders in skrd4ad_jax/data/.")
+    c.choice("data.dataset", TFDS_DATASETS, " These are the tfds builders in data_pipelines/.")
   if c.get("data.source") == "folder" and c.has("data.root") and not c.get("data.root"):
     c.add(
       "config.data.root is empty: point it to the folder that holds the category "

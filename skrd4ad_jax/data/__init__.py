@@ -1,12 +1,10 @@
-"""Input pipelines, folder scanning, demo data and tfds builders of skrd4ad_jax.
+"""The data without TensorFlow: folders, demo data, decoded arrays, the Pillow source.
 
-Importing the package registers the tfds builders `mvtec_ad`, `visa` and `vad`
-when tensorflow_datasets is installed (tfds imports TensorFlow lazily, so this
-stays cheap); `skrd4ad_jax.data.folder` works without TensorFlow or tfds.
+``folder`` (scanning and validation, ``DatasetError``), ``demo_data`` (the
+offline demo tree), ``decode`` (Pillow + numpy decoding, bit for bit as the
+tf.data pipeline), ``category_data`` (``CategoryData``: a category's decoded
+splits and its batches) and ``source`` (the ``DataSource`` API and
+``PillowSource``). Nothing here imports TensorFlow or tensorflow_datasets: the
+tf.data pipeline and the tfds builders are the top-level package
+``data_pipelines``.
 """
-
-import importlib.util
-
-if importlib.util.find_spec("tensorflow_datasets") is not None:
-  # Defining the builder classes registers them with tfds.
-  from skrd4ad_jax.data import mvtec_ad, vad, visa  # noqa: F401

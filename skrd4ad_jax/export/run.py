@@ -11,9 +11,9 @@ with the same numbers (``evaluation/prediction_output.py`` writes both):
 pred_score_raw, pred_label``) and, with ``--save_masks``, ``masks/<stem>.png``.
 
 Pre-processing stays in Python, exactly as the training pipeline computes it:
-Pillow's ``convert('RGB')`` and bilinear ``resize`` to the training size, which
-``skrd4ad_jax.data.input_pipeline`` reproduces bit for bit in TensorFlow (16-bit
-grey images are scaled to 8 bits with the pipeline's rounding). The model gets
+``skrd4ad_jax.data.decode`` (Pillow and numpy: ``convert('RGB')`` and Pillow's
+bilinear ``resize`` to the training size, bit for bit as the tf.data pipeline,
+16-bit images scaled to 8 bits with the pipeline's rounding). The model gets
 uint8 RGB and normalises inside.
 
 Thresholds are data: the runner reads them from ``DIR/skrd4ad_export.json``
@@ -31,8 +31,8 @@ from typing import Any
 import warnings
 
 import numpy as np
-from PIL import Image
 
+from skrd4ad_jax.data import decode
 from skrd4ad_jax.evaluation import prediction_output
 from skrd4ad_jax.evaluation.prediction_output import ImageResult, PredictError
 from skrd4ad_jax.export import spec as spec_lib
@@ -43,43 +43,14 @@ from skrd4ad_jax.export.spec import ExportError
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
-  """An image file as the model's input: uint8 RGB [S, S, 3].
-
-  Pillow's ``convert('RGB')`` then ``resize((S, S), BILINEAR)`` (the RD4AD
-  reference, which the training pipeline emulates bit for bit). 16-bit and
-  32-bit grey images are first scaled to 8 bits as the pipeline does
-  (``floor(v / 65535 * 255 + 0.5)``; float images clipped to [0, 1]).
-  """
-  with Image.open(path) as im:
-    im.load()
-    if im.mode.startswith("I;16") or im.mode == "I":
-      unit = np.asarray(im).astype(np.float32) / np.float32(65535.0)
-    elif im.mode == "F":
-      unit = np.asarray(im).astype(np.float32)
-    else:
-      rgb = im.convert("RGB")
-      unit = None
-  if unit is not None:
-    unit = np.clip(unit, 0.0, 1.0)
-    gray = np.floor(unit * np.float32(255.0) + np.float32(0.5)).astype(np.uint8)
-    rgb = Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
-  if rgb.size != (image_size, image_size):
-    rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-  return np.asarray(rgb, np.uint8)
+  """An image file as the model's input: uint8 RGB [S, S, 3], as the training pipeline's."""
+  return decode.decode_image_8bit(path, image_size)
 
 
 def _failure_message(path: str, error: Exception) -> str:
-  from skrd4ad_jax.data import folder
+  from skrd4ad_jax.data import source
 
-  try:
-    folder.check_image(path)
-  except folder.DatasetError as e:
-    return str(e)
-  first = (str(error).strip().splitlines() or [""])[0]
-  return (
-    f"Could not decode image {path} ({type(error).__name__}: {first}). Fix: replace "
-    "the file with a valid image or remove it."
-  )
+  return source.failure_message(path, error)
 
 
 # ---------------------------------------------------------------------------

@@ -221,8 +221,12 @@ class StopRequest:
 class Trainer:
   """Trains and evaluates the jobs of one config; see ``train_and_evaluate``."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, eval_only: bool = False):
-    from skrd4ad_jax.data import input_pipeline
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str, eval_only: bool = False, source=None
+  ):
+    from skrd4ad_jax.data.source import PillowSource
+
+    source = source or PillowSource()  # the data_pipelines.select_source of the entry point
 
     # What the run uses and stores: settings left to the teacher are filled in.
     config = config_lib.resolve(config)
@@ -231,9 +235,9 @@ class Trainer:
     self.workdir = ensure_workdir(workdir)
     self._check_config()
     self.method = methods.build_method(config)
-    self.categories = list(input_pipeline.resolve_categories(config.data))
+    self.categories = list(source.categories(config.data))
     # Scanning is cheap; every process scans every category to plan the same slots.
-    self.data = {c: input_pipeline.make_category_data(config.data, c) for c in self.categories}
+    self.data = {c: source.category_data(config.data, c) for c in self.categories}
     num_seeds = int(config.train.get("seeds", 1))
     self.jobs: dict[str, Job] = {}
     for category in self.categories:
@@ -937,7 +941,7 @@ class Trainer:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, eval_only: bool = False
+  config: ml_collections.ConfigDict, workdir: str, eval_only: bool = False, source=None
 ) -> list[dict[str, Any]]:
   """Trains and evaluates every job of ``config``; writes everything to ``workdir``.
 
@@ -946,9 +950,11 @@ def train_and_evaluate(
     workdir: where checkpoints, TensorBoard runs, pictures and results go.
     eval_only: evaluate what ``workdir`` holds (trained or imported) without
       training: every job needs a checkpoint.
+    source: the ``skrd4ad_jax.data.source.DataSource`` that reads the data
+      (None = ``PillowSource()``; ``data_pipelines.select_source`` picks tf.data).
 
   Returns:
     One results row per job (every seed of every category; ``results.csv``
     holds their per-category mean and spread).
   """
-  return Trainer(config, workdir, eval_only=eval_only).run()
+  return Trainer(config, workdir, eval_only=eval_only, source=source).run()

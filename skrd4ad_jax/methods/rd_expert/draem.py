@@ -40,8 +40,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from skrd4ad_jax import normalization
-from skrd4ad_jax.data import categories
+from skrd4ad_jax import categories, normalization
 
 FOREGROUND_MODES = ("otsu", "none")
 # URD train.py / dataset_noise.py: Otsu (inverse) for these, grabCut for the rest

@@ -16,7 +16,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from skrd4ad_jax.data import folder, mvtec_ad
+from data_pipelines import mvtec_ad
+from skrd4ad_jax.data import folder
 
 CATEGORIES = ("vad",)
 ARCHIVES = ("VAD.zip", "vad.zip", "VAD.tar.gz", "vad.tar.gz", "VAD.tar", "vad.tar")

@@ -1,57 +1,36 @@
-"""Input data of one category (train / val / test): decoding with tf.data, then memory.
+"""The tf.data input pipeline: decoding, resizing, masks, folder and tfds records, streams.
 
 Pre-processing reproduces the RD4AD reference: PIL `convert('RGB')`, then
 `Resize((256, 256))` (antialiased bilinear on 8-bit values: Pillow's two
 fixed-point passes, horizontal then vertical, emulated bit for bit), `/ 255`,
-ImageNet mean/std: images become float32 [H, W, 3]. (Pillow 13 runs the
-vertical pass first on some portrait images; there results differ by at most
-one 8-bit level. 16-bit images are scaled to 8 bits, where PIL would clip.)
+ImageNet mean/std. 16-bit images are scaled to 8 bits, where PIL would clip.
 Masks (any nonzero value = defect) are resized the same way and binarised at
-`mask_threshold`. `decode_and_resize` gives a predict script the same numbers.
+`mask_threshold`. `skrd4ad_jax.data.decode` computes the same integers with
+Pillow and numpy; `decode_and_resize` gives a script the same numbers.
 
-Fields of `data_cfg` (an `ml_collections.ConfigDict`, `config.data`):
-
-  source: 'folder' (an MVTec-layout tree at `root`), 'tfds' (the builders of
-    this package, prepared from `manual_dir`) or 'demo' (generated offline by
-    `skrd4ad_jax.data.demo_data.ensure_demo_dataset`, then read as a folder).
-  dataset: tfds builder name for source 'tfds': 'mvtec_ad', 'visa' or 'vad'.
-  root: folder root (<root>/<category>/train/good/...); for 'demo' where the
-    demo tree is written ('' = its default location).
-  categories: tuple of category names; empty = all (see `resolve_categories`).
-  image_size: side of the square network input (256).
-  mask_threshold: a resized mask pixel is defective when > this (0.5).
-  val_fraction: fraction of the normal training images held out as the 'val'
-    split (for thresholds), chosen deterministically by `shuffle_seed`;
-    0 = none (default 0.1).
-  tfds_data_dir: tfds data_dir ('' = tfds' default, ~/tensorflow_datasets).
-  manual_dir: where the downloaded archives / extracted trees are for 'tfds'
-    ('' = <tfds_data_dir>/downloads/manual).
-  shuffle_seed: seed of the validation hold-out (the training order is the
-    job's own: see `skrd4ad_jax.training.batches`).
-  Optional: demo_seed (0): seed given to `ensure_demo_dataset`.
-
-`CategoryData.load` decodes every split once, in parallel (tf.data), and keeps
-the images in host memory as uint8 at the configured size; batches are then
-cut from memory in numpy.
+`make_category_data` decodes every split of a category once, in parallel
+(tf.data), into a `skrd4ad_jax.data.category_data.CategoryData` (the fields of
+`config.data` are described there); `image_stream` is predict's stream. Both are
+reached through `data_pipelines.TFDataSource`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 import io
 import os
-from typing import Any
+import re
 
 import numpy as np
 from PIL import Image
 import tensorflow as tf
 
 from skrd4ad_jax import normalization
-from skrd4ad_jax.data import folder
+from skrd4ad_jax.data import category_data as category_data_lib
+from skrd4ad_jax.data import decode, folder, source
+from skrd4ad_jax.data.category_data import CategoryData, SplitArrays
 
-EVAL_SPLITS = ("test", "val", "train")
-PREFETCH_BATCHES = 2  # used by predict's streaming pipeline
+PREFETCH_BATCHES = source.PREFETCH_BATCHES  # used by predict's streaming pipeline
 # tf.data's autotuner may use at most this much host memory for buffers.
 RAM_BUDGET_BYTES = 1 << 30
 
@@ -143,45 +122,7 @@ def _decode_unit_rgb(contents: tf.Tensor) -> tf.Tensor:
   )
 
 
-# Pillow's fixed-point precision of 8-bit resampling (libImaging/Resample.c).
-_PIL_PRECISION_BITS = 32 - 8 - 2
-
-
-def _pil_bilinear_coeffs(in_size, out_size):
-  """Pillow's antialiased bilinear weights for one axis, in fixed point.
-
-  Mirrors `precompute_coeffs` + `normalize_coeffs_8bpc` of Pillow's
-  Resample.c in IEEE double, in the same order of operations, so the integer
-  weights are bit-identical.
-
-  Args:
-    in_size: input length.
-    out_size: output length.
-
-  Returns:
-    index int32 [out, ksize] (input positions, clamped) and weight int32
-    [out, ksize] (0 beyond each window).
-  """
-  in_size, out_size = int(in_size), int(out_size)
-  scale = in_size / out_size
-  filterscale = max(scale, 1.0)
-  support = 1.0 * filterscale  # The bilinear filter's support is 1.
-  ksize = int(np.ceil(support)) * 2 + 1
-  center = (np.arange(out_size) + 0.5) * scale
-  ss = 1.0 / filterscale
-  xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
-  xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
-  taps = np.arange(ksize)
-  w = np.maximum(1.0 - np.abs((taps[None] + xmin[:, None] - center[:, None] + 0.5) * ss), 0.0)
-  w = np.where(taps[None] < xmax[:, None], w, 0.0)
-  total = np.zeros(out_size)
-  for k in range(ksize):  # Sequential, as in C (numpy's sum is pairwise).
-    total = total + w[:, k]
-  safe_total = np.where(total == 0.0, 1.0, total)[:, None]
-  w = np.where(total[:, None] != 0.0, w / safe_total, w)
-  weight = np.trunc(0.5 + w * (1 << _PIL_PRECISION_BITS)).astype(np.int32)
-  index = np.minimum(xmin[:, None] + taps[None], in_size - 1).astype(np.int32)
-  return index, weight
+_PIL_PRECISION_BITS = decode.PIL_PRECISION_BITS
 
 
 def _pil_resize_axis(image: tf.Tensor, out_size: int, axis: int) -> tf.Tensor:
@@ -199,7 +140,7 @@ def _pil_resize_axis(image: tf.Tensor, out_size: int, axis: int) -> tf.Tensor:
 
   def resample():
     index, weight = tf.numpy_function(
-      _pil_bilinear_coeffs, [in_size, out_size], [tf.int32, tf.int32], stateful=False
+      decode.pil_bilinear_coeffs, [in_size, out_size], [tf.int32, tf.int32], stateful=False
     )
     index = tf.reshape(index, [out_size, -1])
     weight = tf.reshape(weight, [out_size, -1])
@@ -329,134 +270,63 @@ def _folder_records(samples: Sequence[folder.Sample]) -> tf.data.Dataset:
   )
 
 
-@dataclasses.dataclass
-class SplitArrays:
-  """One split decoded into host memory at the configured size."""
+def _decode_split_fn(
+  records: dict[str, Callable[[], tf.data.Dataset]],
+  counts: dict[str, int],
+  from_files: bool,
+  image_size: int,
+  mask_threshold: float,
+) -> category_data_lib.DecodeSplit:
+  """``CategoryData``'s ``decode_split``: tf.data over the records of each split.
 
-  image: np.ndarray  # uint8 [N, S, S, 3]
-  gt_mask: np.ndarray  # uint8 [N, S, S] in {0, 1} (zeros without masks)
-  gt_label: np.ndarray  # int32 [N]
-  image_path: list[str]
-  defect_type: list[str]
-
-  def __len__(self) -> int:
-    return len(self.gt_label)
-
-
-class CategoryData:
-  """The train / val / test data of one category.
-
-  ``load`` decodes every image and mask of every split once, in parallel, and
-  keeps them in host memory as uint8 at the configured size (``image_size**2 *
-  3`` bytes per image): a bad file stops the run there, before any training
-  step, and later epochs and evaluations never decode again.
-
-  Attributes:
-    category: category name.
-    num_train: training images (after the validation hold-out).
-    num_val: held-out normal images (split 'val').
-    num_test: test images.
-    has_masks: whether pixel ground truth exists (else image metrics only).
-    image_size: side of the images.
-    location: where the data comes from (for messages).
+  Args:
+    records: split -> a maker of its record dataset.
+    counts: records per split.
+    from_files: whether 'image' / 'mask' of a record are paths (else bytes).
+    image_size: side of the decoded images.
+    mask_threshold: binarisation threshold of the resized masks.
   """
+  size = int(image_size)
 
-  def __init__(
-    self,
-    category: str,
-    records: dict[str, Any],
-    counts: dict[str, int],
-    has_masks: bool,
-    from_files: bool,
-    image_size: int,
-    mask_threshold: float = 0.5,
-    location: str = "",
-  ):
-    """Use `make_category_data`; `records` maps split -> dataset maker."""
-    self.category = category
-    self.num_train = counts["train"]
-    self.num_val = counts["val"]
-    self.num_test = counts["test"]
-    self.has_masks = has_masks
-    self.image_size = image_size
-    self.location = location
-    self._records = records
-    self._from_files = from_files
-    self._mask_threshold = mask_threshold
-    self._arrays: dict[str, SplitArrays] = {}
+  def load_image(record):
+    contents = tf.io.read_file(record["image"]) if from_files else record["image"]
+    return decode_image_8bit(contents, size)
 
-  # -- per-record decoding ----------------------------------------------------
-
-  def _load_image(self, record):
-    contents = tf.io.read_file(record["image"]) if self._from_files else (record["image"])
-    return decode_image_8bit(contents, self.image_size)
-
-  def _load_mask(self, record):
+  def load_mask(record):
     mask = record["mask"]
-    size = self.image_size
 
     def decode():
-      contents = tf.io.read_file(mask) if self._from_files else mask
-      return decode_mask_binary(contents, size, self._mask_threshold)
+      contents = tf.io.read_file(mask) if from_files else mask
+      return decode_mask_binary(contents, size, mask_threshold)
 
     return tf.cond(tf.strings.length(mask) > 0, decode, lambda: tf.zeros([size, size], tf.uint8))
 
-  def _load_example(self, record):
+  def load_example(record):
     return {
-      "image": self._load_image(record),
-      "gt_mask": self._load_mask(record),
+      "image": load_image(record),
+      "gt_mask": load_mask(record),
       "gt_label": record["gt_label"],
       "image_path": record["image_path"],
       "defect_type": record["defect_type"],
     }
 
-  def _record_problem(self, split: str, index: int) -> str:
+  def record_problem(split: str, index: int) -> str:
     """Why record ``index`` of ``split`` does not load (image or mask), in one line."""
-    for record in self._records[split]().skip(index).take(1):
+    for record in records[split]().skip(index).take(1):
       path = record["image_path"].numpy().decode()
-      mask = (
-        record["mask"].numpy().decode(errors="replace") if self._from_files else "the stored mask"
-      )
-      for what, load in (("image", self._load_image), ("mask", self._load_mask)):
+      mask = record["mask"].numpy().decode(errors="replace") if from_files else "the stored mask"
+      for what, load in (("image", load_image), ("mask", load_mask)):
         try:
           load(record).numpy()
         except Exception as e:  # any decoder error is the file's problem
           culprit = path if what == "image" else f"{mask} (mask of {path})"
-          reason = (str(e).strip().splitlines() or [""])[0]
-          return f"{culprit}: {type(e).__name__}: {reason}"
+          return category_data_lib.problem_line(culprit, e)
       return f"{path}: could not be loaded"
     return f"record {index}: could not be loaded"
 
-  # -- loading ----------------------------------------------------------------
-
-  def load(self) -> None:
-    """Decodes every split into memory; a problem names the files and the fix.
-
-    Raises:
-      DatasetError: naming every image or mask that cannot be read or decoded
-        (up to 20), its split and category.
-    """
-    if self._arrays:
-      return
-    problems = []
-    for split in ("train", "val", "test"):
-      arrays, bad = self._decode_split(split)
-      problems += [(split, self._record_problem(split, i)) for i in bad]
-      self._arrays[split] = arrays
-    if problems:
-      self._arrays = {}
-      shown = "; ".join(f"[{split}] {what}" for split, what in problems[:20])
-      more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-      raise DatasetError(
-        f"Category {self.category!r}: {len(problems)} file(s) cannot be read or decoded: "
-        f"{shown}{more}. Fix: replace these files with valid images or remove them."
-      )
-
-  def _decode_split(self, split: str) -> tuple[SplitArrays, list[int]]:
-    """(the decodable records of ``split``, indices of those that fail)."""
-    size = self.image_size
-    ds = self._records[split]().enumerate()
-    ds = ds.map(lambda i, r: (i, self._load_example(r)), num_parallel_calls=tf.data.AUTOTUNE)
+  def decode_split(split: str) -> tuple[SplitArrays, list[str]]:
+    ds = records[split]().enumerate()
+    ds = ds.map(lambda i, r: (i, load_example(r)), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors().with_options(dataset_options())
     indices, out = [], {k: [] for k in ("image", "gt_mask", "gt_label", "path", "defect")}
     for i, ex in ds.as_numpy_iterator():
@@ -466,108 +336,50 @@ class CategoryData:
       out["gt_label"].append(ex["gt_label"])
       out["path"].append(ex["image_path"].decode())
       out["defect"].append(ex["defect_type"].decode())
-    total = {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-    bad = sorted(set(range(total)) - set(indices))
-    arrays = SplitArrays(
-      image=np.asarray(out["image"], np.uint8).reshape(-1, size, size, 3),
-      gt_mask=np.asarray(out["gt_mask"], np.uint8).reshape(-1, size, size),
-      gt_label=np.asarray(out["gt_label"], np.int32).reshape(-1),
-      image_path=out["path"],
-      defect_type=out["defect"],
+    bad = sorted(set(range(counts[split])) - set(indices))
+    arrays = SplitArrays.stack(
+      size, out["image"], out["gt_mask"], out["gt_label"], out["path"], out["defect"]
     )
-    return arrays, bad
+    return arrays, [record_problem(split, i) for i in bad]
 
-  def split(self, split: str) -> SplitArrays:
-    """The decoded arrays of ``split`` (decoding every split on first use)."""
-    if split not in EVAL_SPLITS:
-      raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
-    self.load()
-    return self._arrays[split]
-
-  @property
-  def train_images(self) -> np.ndarray:
-    """uint8 [num_train, S, S, 3], in the split's fixed order."""
-    return self.split("train").image
-
-  # -- batches ----------------------------------------------------------------
-
-  def eval_batches(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every image of `split` once, in a fixed order.
-
-    Args:
-      split: 'test', 'val' (held-out normal training images) or 'train'.
-      batch_size: images per batch; the last batch is padded.
-
-    Yields:
-      Dicts of numpy arrays: image float32 [B, S, S, 3] ImageNet-normalised,
-      gt_mask float32 [B, S, S] in {0, 1} (zeros without masks), gt_label
-      int32 [B], image_path [B] and defect_type [B] (object arrays of str, ''
-      for padding), valid bool [B] (False for padding).
-    """
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    arrays = self.split(split)
-    for start in range(0, len(arrays), batch_size):
-      stop = min(start + batch_size, len(arrays))
-      yield _pad_eval_batch(
-        {
-          "image": normalization.normalize_uint8(arrays.image[start:stop]),
-          "gt_mask": arrays.gt_mask[start:stop],
-          "gt_label": arrays.gt_label[start:stop],
-          "image_path": arrays.image_path[start:stop],
-          "defect_type": arrays.defect_type[start:stop],
-        },
-        batch_size,
-      )
+  return decode_split
 
 
-def _pad_eval_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Converts a (possibly short) batch to numpy with padding and `valid`."""
-  n = batch["gt_label"].shape[0]
-  pad = batch_size - n
-
-  def padded(x):
-    return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-
-  def strings(x):
-    return np.array([str(s) for s in x] + [""] * pad, dtype=object)
-
-  return {
-    "image": padded(batch["image"]),
-    "gt_mask": padded(batch["gt_mask"].astype(np.float32)),
-    "gt_label": padded(batch["gt_label"].astype(np.int32)),
-    "image_path": strings(batch["image_path"]),
-    "defect_type": strings(batch["defect_type"]),
-    "valid": np.arange(batch_size) < n,
-  }
+def _category_data(
+  data_cfg,
+  category: str,
+  records: dict[str, Callable[[], tf.data.Dataset]],
+  counts: dict[str, int],
+  has_masks: bool,
+  from_files: bool,
+  location: str,
+) -> CategoryData:
+  size, threshold = int(data_cfg.image_size), float(data_cfg.mask_threshold)
+  decode_split = _decode_split_fn(records, counts, from_files, size, threshold)
+  return CategoryData(category, counts, has_masks, size, decode_split, location=location)
 
 
 # ---------------------------------------------------------------------------
 # Construction from a config.
 
 
-def _folder_category_data(data_cfg, root: str, category: str) -> CategoryData:
-  splits = folder.scan_category(
-    root, category, val_fraction=data_cfg.val_fraction, seed=data_cfg.shuffle_seed
-  )
+def _folder_category_data(data_cfg, category: str) -> CategoryData:
+  splits, location = category_data_lib.folder_splits(data_cfg, category)
   split_samples = {"train": splits.train, "val": splits.val, "test": splits.test}
   records = {k: (lambda s=v: _folder_records(s)) for k, v in split_samples.items()}
   counts = {k: len(v) for k, v in split_samples.items()}
-  return CategoryData(
-    category,
-    records,
-    counts,
-    splits.has_masks,
-    from_files=True,
-    image_size=data_cfg.image_size,
-    mask_threshold=data_cfg.mask_threshold,
-    location=os.path.join(root, category),
+  return _category_data(
+    data_cfg, category, records, counts, splits.has_masks, from_files=True, location=location
   )
 
 
 def tfds_builder(data_cfg, category: str):
   """Returns the prepared tfds builder of `dataset/category`."""
   import tensorflow_datasets as tfds
+
+  import data_pipelines
+
+  data_pipelines.register_builders()
 
   name = f"{data_cfg.dataset}/{category}"
   try:
@@ -622,24 +434,15 @@ def _tfds_category_data(data_cfg, category: str) -> CategoryData:
     "val": len(val_idx),
     "test": builder.info.splits["test"].num_examples,
   }
-  return CategoryData(
+  return _category_data(
+    data_cfg,
     category,
     records,
     counts,
     has_masks,
     from_files=False,
-    image_size=data_cfg.image_size,
-    mask_threshold=data_cfg.mask_threshold,
     location=f"tfds {data_cfg.dataset}/{category}",
   )
-
-
-def _folder_root(data_cfg) -> str:
-  if data_cfg.source == "demo":
-    from skrd4ad_jax.data import demo_data
-
-    return demo_data.ensure_demo_dataset(data_cfg.root or None, data_cfg.get("demo_seed", 0))
-  return data_cfg.root
 
 
 def resolve_categories(data_cfg) -> tuple[str, ...]:
@@ -649,16 +452,19 @@ def resolve_categories(data_cfg) -> tuple[str, ...]:
   if data_cfg.source == "tfds":
     import tensorflow_datasets as tfds
 
+    import data_pipelines
+
+    data_pipelines.register_builders()
     cls = tfds.builder_cls(data_cfg.dataset)
     return tuple(c.name for c in cls.BUILDER_CONFIGS)
-  return tuple(folder.discover_categories(_folder_root(data_cfg)))
+  return category_data_lib.folder_categories(data_cfg)
 
 
 def make_category_data(data_cfg, category: str) -> CategoryData:
   """Builds the pipelines of one category from `config.data`.
 
   Args:
-    data_cfg: the data config (fields in the module docstring).
+    data_cfg: the data config (fields: ``skrd4ad_jax.data.category_data``).
     category: category name.
 
   Returns:
@@ -669,7 +475,61 @@ def make_category_data(data_cfg, category: str) -> CategoryData:
   """
   configure_tensorflow()
   if data_cfg.source in ("folder", "demo"):
-    return _folder_category_data(data_cfg, _folder_root(data_cfg), category)
+    return _folder_category_data(data_cfg, category)
   if data_cfg.source == "tfds":
     return _tfds_category_data(data_cfg, category)
-  raise DatasetError(f"Unknown data source {data_cfg.source!r}: use 'folder', 'tfds' or 'demo'.")
+  raise category_data_lib.unknown_source(data_cfg)
+
+
+# ---------------------------------------------------------------------------
+# Predict's stream.
+
+
+def _failure_message(path: str) -> str:
+  """Why ``path`` could not be loaded (the stream only drops it), with the fix."""
+  try:
+    decode_and_resize(path, 8).numpy()
+  except Exception as e:
+    first = (str(e).strip().splitlines() or [""])[0]
+    # TensorFlow wraps the decoder's words in op names: keep the words.
+    first = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{.*?\}\}\s*", "", first))
+    return source.failure_message(path, e, first)
+  return source.failure_message(path)
+
+
+def image_stream(paths: Sequence[str], image_size: int) -> Iterator[source.Decoded]:
+  """``DataSource.decoded_images`` with tf.data: each path in order, decoded in parallel."""
+  configure_tensorflow()
+  paths = [os.fspath(p) for p in paths]
+
+  def readable(path: bytes) -> np.ndarray:
+    try:
+      folder.check_image(path.decode())
+    except folder.DatasetError:
+      return np.array(False)
+    return np.array(True)
+
+  def check(index, path):
+    return index, path, tf.numpy_function(readable, [path], tf.bool, stateful=False)
+
+  def load(index, path):
+    return index, decode_image_8bit(tf.io.read_file(path), image_size)
+
+  n = len(paths)
+  ds = tf.data.Dataset.from_tensor_slices(
+    (tf.range(n, dtype=tf.int64), tf.constant(paths, tf.string, shape=[n]))
+  )
+  # A bad file is dropped here and reported from the gap in the indices, so it
+  # does not stop the stream. PIL's check first drops most of them quietly
+  # (TensorFlow logs a traceback for each decoder error it meets).
+  ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda i, p, ok: ok)
+  ds = ds.map(lambda i, p, ok: load(i, p), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors().prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
+  expected = 0
+  for index, image in ds.as_numpy_iterator():
+    for i in range(expected, int(index)):
+      yield i, None, _failure_message(paths[i])
+    yield int(index), image, None
+    expected = int(index) + 1
+  for i in range(expected, n):
+    yield i, None, _failure_message(paths[i])

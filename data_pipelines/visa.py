@@ -20,7 +20,9 @@ import os
 
 import tensorflow_datasets as tfds
 
-from skrd4ad_jax.data import categories, folder, mvtec_ad
+from data_pipelines import mvtec_ad
+from skrd4ad_jax import categories
+from skrd4ad_jax.data import folder
 
 CATEGORIES = categories.VISA
 ARCHIVE = "VisA_20220922.tar"

@@ -2,7 +2,7 @@
 
 Usage::
 
-  import skrd4ad_jax.data  # registers the builders
+  import data_pipelines  # registers the builders
   builder = tfds.builder('mvtec_ad/bottle', data_dir=data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir='/data/mvtec'))
@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from skrd4ad_jax.data import categories, folder
+from skrd4ad_jax import categories
+from skrd4ad_jax.data import folder
 
 CATEGORIES = categories.MVTEC_AD
 ARCHIVE = "mvtec_anomaly_detection.tar.xz"
