@@ -292,11 +292,11 @@ def cap_eval_batch(config, mem: SlotMemory | None, slots_per_device: int) -> int
     return wanted
   most = max(1, most)
   logging.info(
-    "config.eval.batch_size %d lowered to %d: ~%.2f GiB per image beside %d slot state(s) "
+    "config.eval.batch_size %d lowered to %d: ~%.1f MiB per image beside %d slot state(s) "
     "exceeds %.0f%% of the device limit %.1f GiB",
     wanted,
     most,
-    mem.eval_bytes_per_image / GIB,
+    mem.eval_bytes_per_image / 2**20,
     slots_per_device,
     100 * mem.margin,
     mem.limit_bytes / GIB,
