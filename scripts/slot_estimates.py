@@ -9,7 +9,8 @@ CPU in minutes (no accelerator, no weights, no data: a random teacher).
 
   python scripts/slot_estimates.py --config=configs/mvtec.py --json=slots.json
 
-The category loop is 'vmap', as on accelerators. XLA:CPU's analysis
+The category loop is 'vmap', as on accelerators (``--category_loop=unroll``: each
+slot's own single-job program). XLA:CPU's analysis
 approximates a GPU's (other fusions, no cuDNN workspaces; bfloat16 convolutions
 may be computed in float32 on CPU); a run on the device measures its own.
 """
@@ -31,6 +32,13 @@ flags.DEFINE_float(
   "preallocation, what device.memory_stats()['bytes_limit'] then reports).",
 )
 flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+flags.DEFINE_enum(
+  "category_loop",
+  "vmap",
+  ["vmap", "unroll"],
+  "How the step advances its slots: 'vmap' as on accelerators; 'unroll' compiles each "
+  "slot's own single-job program (XLA:CPU's default).",
+)
 
 
 def main(argv):
@@ -53,7 +61,7 @@ def main(argv):
   for dtype in FLAGS.dtypes:
     config = config_lib.resolve(FLAGS.config)
     config.model.dtype = dtype
-    config.parallel.category_loop = "vmap"
+    config.parallel.category_loop = FLAGS.category_loop
     method = methods.build_method(config)
     size, bs = int(config.data.image_size), int(config.train.batch_size)
     teacher_vars = teachers.load_teacher_variables(config.model.teacher, "random", image_size=size)
@@ -69,6 +77,13 @@ def main(argv):
       "batch_size": bs,
       "eval_batch_size": int(config.eval.batch_size),
       "dtype": dtype,
+      "category_loop": FLAGS.category_loop,
+      "measured_bytes": {
+        "train_1_slot": mem.measured_bytes[0],
+        "train_2_slots": mem.measured_bytes[1],
+        "eval_batch_1": mem.measured_bytes[2],
+        f"eval_batch_{max(2, int(config.eval.batch_size))}": mem.measured_bytes[3],
+      },
       "compile_seconds": seconds,
       **{k: v for k, v in dataclasses.asdict(mem).items() if k.endswith("bytes")},
       "cards": [],

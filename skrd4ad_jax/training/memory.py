@@ -51,6 +51,8 @@ class SlotMemory:
   limit_bytes: int | None
   limit_source: str = "device"
   margin: float = MARGIN
+  # What the analysis gave: training at 1 and 2 slots, evaluation at the two batch sizes.
+  measured_bytes: tuple[int, ...] = ()
 
   @property
   def usable_bytes(self) -> float | None:
@@ -218,6 +220,7 @@ def estimate(
     eval_bytes_per_image=per_image,
     limit_bytes=limit,
     limit_source=limit_source,
+    measured_bytes=tuple(sizes),
   )
 
 
