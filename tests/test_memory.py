@@ -103,7 +103,7 @@ def test_auto_picks_what_fits_and_explicit_slots_that_do_not_fit_stop(tiny_estim
     memory, "estimate", lambda *a, **k: dataclasses.replace(mem, limit_bytes=a[4])
   )
   loads = {f"job{i}": 100 for i in range(6)}
-  args = (None, config, None, None, loads, 1, FakeAccelerator())
+  args = (None, config, None, dict, loads, 1, FakeAccelerator())
   config.parallel.device_memory_gb = 0.0
   # No limit known: the schedule alone decides (several jobs: several slots).
   assert memory.choose_slots_per_device(*args) == (6, None)

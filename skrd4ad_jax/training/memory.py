@@ -16,6 +16,7 @@ none) nothing is compiled and nothing is capped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 import dataclasses
 from typing import Any
@@ -258,7 +259,7 @@ def choose_slots_per_device(
   method,
   config,
   teacher_vars: Any,
-  template: dict[str, np.ndarray],
+  template: Callable[[], dict[str, np.ndarray]],
   loads: dict[str, int],
   num_devices: int,
   device: jax.Device,
@@ -267,7 +268,8 @@ def choose_slots_per_device(
 
   ``config.parallel.slots_per_device`` > 0 is checked against the estimate; 0
   (auto) takes ``schedule.auto_slots_per_device`` capped at what fits. Without
-  a known limit nothing is compiled and the estimate is None.
+  a known limit nothing is compiled (``template``, which makes one slot's
+  training batch, is not even called) and the estimate is None.
 
   Raises:
     ConfigError: the requested slots (or a single slot) do not fit.
@@ -278,7 +280,7 @@ def choose_slots_per_device(
   limit, source = limit_bytes(config, device)
   mem = None
   if limit is not None:
-    mem = estimate(method, config, teacher_vars, template, limit, source)
+    mem = estimate(method, config, teacher_vars, template(), limit, source)
   if requested > 0:
     check_slots(mem, requested, config)
     return requested, mem

@@ -262,7 +262,7 @@ class Trainer:
       self.method,
       config,
       self.teacher_vars,
-      self.batch_template(),
+      self.batch_template,
       loads,
       max(1, len(devices) // data_axis),
       devices[0],
