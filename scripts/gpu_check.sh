@@ -27,12 +27,12 @@
 #
 # The wheels in .whl/ (carry it: *.whl is git-ignored), made on a machine with PyPI:
 #   pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0 clu==0.0.12 \
-#       absl-py==2.5.1 protobuf==6.31.1
+#       absl-py==2.5.1
 #   pip download --no-deps --only-binary=:all: --platform manylinux_2_17_x86_64 \
-#       --python-version 3.12 --implementation cp -d .whl onnx==1.18.0
+#       --python-version 3.12 --implementation cp -d .whl onnx==1.19.1 protobuf==6.31.1
 # (the onnx wheel must match the image's Python: change --python-version; without it the
-# export step is recorded as skipped). They are unpacked into /tmp/site only when the
-# import fails.
+# export steps fail and are recorded as such). Each is unpacked into /tmp/site only when
+# its import fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}

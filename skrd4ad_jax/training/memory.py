@@ -286,6 +286,12 @@ def choose_slots_per_device(
     return requested, mem
   check_slots(mem, 1, config)
   cap = mem.max_slots() if mem is not None else None
+  if jax.process_count() > 1:
+    # Every process must make the same plan: the smallest cap of all (a collective).
+    from skrd4ad_jax.training import parallel
+
+    caps = [c for c in parallel.allgather_json(cap) if c is not None]
+    cap = min(caps) if caps else None
   return schedule.auto_slots_per_device(loads, num_devices, device.platform, max_slots=cap), mem
 
 
