@@ -281,3 +281,12 @@ def test_training_failed_is_one_line(tmp_path):
   error = "__import__('skrd4ad_jax.errors').errors.TrainingFailed('Training failed for brick: x')"
   code, out, _ = run_fake_main(error, tmp_path)
   assert code == 1 and "error: Training failed for brick: x" in out and "Traceback" not in out
+
+
+def test_device_memory_gb_is_checked():
+  from skrd4ad_jax.config import validation
+
+  config = load_config(os.path.join(REPO, "configs", "tiny.py"))
+  config.parallel.device_memory_gb = -1.0
+  (problem,) = [p for p in validation.problems(config) if "device_memory_gb" in p]
+  assert "must be in [0, inf]" in problem and "0 = what the device reports" in problem
