@@ -14,9 +14,12 @@ Several processes (TPU pod, multi-node GPU) run the same command with
 
 Mistakes the user can fix (an unknown ``--config.x`` key, a config value out
 of range, bad data, a workdir in use, an unreadable checkpoint of another
-model) end in one ``error: ...`` line each and exit status 1; the config is
-checked before TensorFlow is imported, so such a run stops within seconds. Any
-other exception keeps its traceback: it is a bug.
+model, some jobs stopped on a non-finite loss) end in one ``error: ...`` line
+each and exit status 1; the config is checked before TensorFlow is imported, so
+such a run stops within seconds. A device out of memory ends in one line naming
+the setting and what to lower. Any other exception keeps its traceback: it is a
+bug. Every error that is not the user's leaves its traceback in
+``<workdir>/error.log`` (shown too with ``--verbosity=1``).
 """
 
 from collections.abc import Sequence
@@ -24,6 +27,7 @@ import contextlib
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -210,9 +214,10 @@ def train(config, workdir: str) -> None:
   initialize_distributed()
   import jax
 
+  from skrd4ad_jax import errors
   from skrd4ad_jax.data.folder import DatasetError
   from skrd4ad_jax.teachers.porting import WeightsError
-  from skrd4ad_jax.training import checkpoints, trainer, workdir_lock
+  from skrd4ad_jax.training import checkpoints, memory, trainer, workdir_lock
 
   # The user's to fix: one line each. Anything else is a bug and keeps its traceback.
   user_errors = (
@@ -223,7 +228,7 @@ def train(config, workdir: str) -> None:
     workdir_lock.WorkdirInUseError,
     FloatingPointError,  # a NaN loss
     OSError,  # an unwritable workdir, a missing weights file, a full disk
-    RuntimeError,  # the trainer's "Training failed for <category>: ..." summary
+    errors.UserError,  # "Training failed for <category>: ...", a failed download
   )
   if not FLAGS["verbosity"].present:
     # orbax logs every checkpoint step at INFO; keep the console for progress.
@@ -232,9 +237,11 @@ def train(config, workdir: str) -> None:
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
   logging.info("workdir: %s", os.path.abspath(workdir))
+  run = None
   try:
     with workdir_held(workdir):  # (already held by the one process; a no-op then)
-      trainer.train_and_evaluate(config, workdir, eval_only=FLAGS.eval_only, source=source)
+      run = trainer.Trainer(config, workdir, eval_only=FLAGS.eval_only, source=source)
+      run.run()
   except trainer.Preempted as e:
     # Checkpoints are written; the exit status says which signal stopped the run.
     print(str(e), file=sys.stderr, flush=True)
@@ -242,6 +249,30 @@ def train(config, workdir: str) -> None:
   except user_errors as e:
     # A clear message instead of a traceback; whatever was written stays.
     fail(getattr(e, "problems", None) or [str(e)])
+  except Exception as e:
+    log_path = write_error_log(workdir, e, jax.process_index(), jax.process_count())
+    if not memory.is_out_of_memory(e):
+      raise  # a bug: absl prints the traceback
+    if FLAGS.verbosity >= 1:
+      traceback.print_exception(e)
+    slots = getattr(run, "slots_per_device", None)
+    fail([memory.out_of_memory_advice(getattr(run, "config", config), slots, log_path)])
+
+
+def write_error_log(workdir: str, error: BaseException, process: int, processes: int) -> str | None:
+  """Writes ``error``'s traceback to ``<workdir>/error.log``; returns its path (None if it can't).
+
+  With several processes each writes its own ``error.process<i>.log``.
+  """
+  name = "error.log" if processes == 1 else f"error.process{process}.log"
+  path = os.path.join(os.path.abspath(workdir), name)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      f.write("".join(traceback.format_exception(error)))
+  except OSError:
+    return None
+  return path
 
 
 if __name__ == "__main__":

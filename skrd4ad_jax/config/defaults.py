@@ -132,8 +132,13 @@ def get_config():
   # XLA:CPU, needs data_axis_size=1), 'auto' = 'unroll' on CPU, else 'vmap'.
   config.parallel.category_loop = "auto"
   # Jobs (category x seed) each device trains at once; 0 = auto: 1 on CPU, on
-  # accelerators the most (<= 8) that keep >= 95 % of the step-time useful.
+  # accelerators the most (<= 8) that fit in device memory and keep >= 95 % of
+  # the step-time useful. An explicit count that does not fit stops before training.
   config.parallel.slots_per_device = 0
+  # Memory (GiB) one device may use, against which slots and the evaluation batch
+  # are sized (training/memory.py); 0 = what the device reports (GPU, TPU: the
+  # allocator's limit; CPU reports none, so no cap there).
+  config.parallel.device_memory_gb = 0.0
 
   # MRKD (config.model.name = 'mrkd').
   config.mrkd = ml_collections.ConfigDict(

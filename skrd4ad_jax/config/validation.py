@@ -422,6 +422,7 @@ def _check_parallel(c: _Checks) -> None:
 
   c.integer("parallel.data_axis_size", 1, " 1 = categories only.")
   c.integer("parallel.slots_per_device", 0, " 0 = automatic.")
+  c.number("parallel.device_memory_gb", 0, math.inf, fix=" 0 = what the device reports.")
   c.choice("parallel.category_loop", parallel.CATEGORY_LOOPS)
   data_axis = c.get("parallel.data_axis_size")
   if c.get("parallel.category_loop") == "unroll" and isinstance(data_axis, int) and data_axis > 1:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skrd4ad_jax import torch_io
+from skrd4ad_jax import errors, torch_io
 from skrd4ad_jax.teachers import registry
 
 Variables = dict[str, Any]
@@ -325,8 +325,8 @@ def download_torchvision_weights(
     Path of the verified ``.pth``.
 
   Raises:
-    RuntimeError: without network (saying what to download and where to put it)
-      or on a hash mismatch.
+    errors.DownloadError: (a RuntimeError) without network (saying what to
+      download and where to put it) or on a hash mismatch.
   """
   if arch not in registry.TORCHVISION_TEACHERS:
     raise ValueError(
@@ -348,7 +348,7 @@ def download_torchvision_weights(
         out.write(chunk)
   except (urllib.error.URLError, OSError) as e:
     tmp.unlink(missing_ok=True)
-    raise RuntimeError(
+    raise errors.DownloadError(
       f"Could not download {url} ({e}). Download it by hand on a machine with network "
       f"access, put it at {dest}, then run: python scripts/port_torchvision_weights.py "
       f"--arch {arch} --input {dest}"
@@ -356,7 +356,9 @@ def download_torchvision_weights(
   digest = sha256(tmp)
   if not digest.startswith(prefix):
     tmp.unlink()
-    raise RuntimeError(f"{url}: sha256 {digest} does not start with {prefix}; download again.")
+    raise errors.DownloadError(
+      f"{url}: sha256 {digest} does not start with {prefix}; download again."
+    )
   os.replace(tmp, dest)
   return dest
 

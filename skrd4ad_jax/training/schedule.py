@@ -199,18 +199,24 @@ def useful_fraction(plan: Sequence[Sequence[Segment]]) -> float:
   return steps / (len(plan) * longest)
 
 
-def auto_slots_per_device(loads: Mapping[str, int], num_devices: int, platform: str) -> int:
+def auto_slots_per_device(
+  loads: Mapping[str, int], num_devices: int, platform: str, max_slots: int | None = None
+) -> int:
   """The default number of slots per device (``parallel.slots_per_device=0``).
 
   On CPU one slot per device: several slots on one CPU device compute one
   after another anyway, and each costs a state's memory. On accelerators the
-  most slots (up to ``MAX_AUTO_SLOTS_PER_DEVICE``, and no more than there are
-  jobs) whose plan keeps ``AUTO_MIN_USEFUL`` of the step-time useful: more
-  slots fill a large device better, until some would idle.
+  most slots (up to ``MAX_AUTO_SLOTS_PER_DEVICE``, no more than there are
+  jobs, and no more than ``max_slots``: what fits in the device's memory,
+  ``memory.SlotMemory.max_slots``) whose plan keeps ``AUTO_MIN_USEFUL`` of the
+  step-time useful: more slots fill a large device better, until some would
+  idle.
   """
   if platform == "cpu" or not loads:
     return 1
   most = min(MAX_AUTO_SLOTS_PER_DEVICE, math.ceil(len(loads) / num_devices))
+  if max_slots is not None:
+    most = max(1, min(most, max_slots))
   jobs = {job: (0, n) for job, n in loads.items()}
   for per_device in range(most, 0, -1):
     if useful_fraction(plan_slots(jobs, per_device * num_devices)) >= AUTO_MIN_USEFUL:

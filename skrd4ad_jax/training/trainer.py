@@ -43,11 +43,11 @@ import ml_collections
 import numpy as np
 
 from skrd4ad_jax import config as config_lib
-from skrd4ad_jax import methods, teachers
+from skrd4ad_jax import errors, methods, teachers
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.evaluation import results as results_lib
 from skrd4ad_jax.training import batches as batches_lib
-from skrd4ad_jax.training import checkpoints, parallel, schedule, train
+from skrd4ad_jax.training import checkpoints, memory, parallel, schedule, train
 
 RESULT_METRICS = results_lib.METRIC_COLUMNS
 # Metrics whose best value over the periodic evaluations is reported, apart and
@@ -254,12 +254,26 @@ class Trainer:
 
     devices = jax.devices()
     data_axis = int(config.parallel.data_axis_size)
-    per_device = int(config.parallel.get("slots_per_device", 0))
-    if per_device <= 0:
-      loads = {j.name: max(0, j.total_steps - j.step) for j in self.jobs.values()}
-      per_device = schedule.auto_slots_per_device(
-        loads, max(1, len(devices) // data_axis), devices[0].platform
-      )
+    # -- memory-aware slots (training/memory.py): the teacher is loaded first, the
+    # step's memory is estimated, slots are chosen or checked, the eval batch capped.
+    self.teacher_vars = teachers.load_teacher_variables(
+      config.model.teacher,
+      config.model.teacher_weights,
+      image_size=int(config.data.image_size),
+    )
+    loads = {j.name: max(0, j.total_steps - j.step) for j in self.jobs.values()}
+    per_device, self.memory = memory.choose_slots_per_device(
+      self.method,
+      config,
+      self.teacher_vars,
+      self.batch_template,
+      loads,
+      max(1, len(devices) // data_axis),
+      devices[0],
+    )
+    memory.cap_eval_batch(config, self.memory, per_device)
+    self.slots_per_device = per_device
+    # -- end of the memory-aware slots.
     self.mesh = parallel.make_mesh(len(self.jobs), data_axis)
     self.num_slots = parallel.num_slots(self.mesh, per_device)
     starts = {j.name: (min(j.step, j.total_steps), j.total_steps) for j in self.jobs.values()}
@@ -270,7 +284,7 @@ class Trainer:
       c for c in self.categories if any(self.jobs[j].category == c for j in local_jobs)
     ]
     logging.info(
-      "process %d/%d: %d job(s) on %d slot(s) (%d per device), useful work %.1f %%; "
+      "process %d/%d: %d job(s) on %d slot(s) (%d per device), useful work %.1f %%; %s; "
       "this process: slots %s, categories %s",
       jax.process_index(),
       jax.process_count(),
@@ -278,15 +292,11 @@ class Trainer:
       self.num_slots,
       per_device,
       100 * schedule.useful_fraction(self.plan),
+      self.memory.summary(per_device) if self.memory else "no device memory limit known",
       sorted(self.local),
       ", ".join(self.local_categories) or "none",
     )
     self._load_data()
-    self.teacher_vars = teachers.load_teacher_variables(
-      config.model.teacher,
-      config.model.teacher_weights,
-      image_size=int(config.data.image_size),
-    )
     self.eval_step = train.jitted_eval_step(self.method)
     self.host = HostWork(background=jax.process_count() == 1)
     self.prefetcher = batches_lib.Prefetcher(self._host_workers())
@@ -934,7 +944,7 @@ class Trainer:
         if seed_rows
         else " No job finished, so no results table was written."
       )
-      raise RuntimeError(
+      raise errors.TrainingFailed(
         "Training failed for " + "; ".join(f"{name}: {why}" for name, why in failed.items()) + where
       )
     return [r for r in seed_rows]
