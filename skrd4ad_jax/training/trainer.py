@@ -47,7 +47,7 @@ from skrd4ad_jax import methods, teachers
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.evaluation import results as results_lib
 from skrd4ad_jax.training import batches as batches_lib
-from skrd4ad_jax.training import checkpoints, parallel, schedule, train
+from skrd4ad_jax.training import checkpoints, faults, parallel, schedule, train
 
 RESULT_METRICS = results_lib.METRIC_COLUMNS
 # Metrics whose best value over the periodic evaluations is reported, apart and
@@ -246,6 +246,13 @@ class Trainer:
           self.method.default_num_steps(category),
         )
         self.jobs[name] = Job(name, category, k, int(config.seed) + k, sched)
+    # [ckpt] The plan reads every latest checkpoint in full: the teacher comes first.
+    self.teacher_vars = teachers.load_teacher_variables(
+      config.model.teacher,
+      config.model.teacher_weights,
+      image_size=int(config.data.image_size),
+    )
+    self.abstract_state = jax.eval_shape(self.method.init, jax.random.PRNGKey(0), self.teacher_vars)
     self._read_checkpoint_steps()
 
     devices = jax.devices()
@@ -278,18 +285,12 @@ class Trainer:
       ", ".join(self.local_categories) or "none",
     )
     self._load_data()
-    self.teacher_vars = teachers.load_teacher_variables(
-      config.model.teacher,
-      config.model.teacher_weights,
-      image_size=int(config.data.image_size),
-    )
     self.eval_step = train.jitted_eval_step(self.method)
     self.host = HostWork(background=jax.process_count() == 1)
     self.prefetcher = batches_lib.Prefetcher(self._host_workers())
     self._managers: dict[tuple[str, int], Any] = {}
     self._fresh: dict[int, Any] = {}
     self._init = jax.jit(self.method.init)
-    self.abstract_state = jax.eval_shape(self.method.init, jax.random.PRNGKey(0), self.teacher_vars)
     self._features: dict[str, list[np.ndarray]] = {}
     self.stats = {"loop_seconds": 0.0, "host_seconds": 0.0, "steps": 0, "images": 0}
 
@@ -314,8 +315,11 @@ class Trainer:
   def _read_checkpoint_steps(self) -> None:
     """Where each job stands in the workdir: its latest checkpoint's step."""
     for job in self.jobs.values():
-      manager = checkpoints.make_manager(self.workdir, job.name, read_only=True)
-      meta = checkpoints.restore_meta(manager) if manager.latest_step() is not None else None
+      # [ckpt] The newest checkpoint that reads in full; unreadable ones are set aside.
+      usable = checkpoints.latest_usable(
+        self.workdir, job.name, self.abstract_state, config=self.config
+      )
+      meta = usable[1] if usable else None
       if meta is None:
         if self.eval_only:
           raise FileNotFoundError(
@@ -325,11 +329,11 @@ class Trainer:
             "one (--config=...:a,b)."
           )
         continue
-      checkpoints.check_model(manager, int(meta["step"]), self.config)
       job.has_checkpoint = True
       job.step = int(meta["step"])
       job.train_seconds = float(meta.get("train_seconds", 0.0))
       job.kept_meta = {k: meta[k] for k in ("imported_from",) if k in meta}
+      job.best = dict(meta.get("best", {}))  # [ckpt] test-selected figures survive a resume
       if self.eval_only or "imported_from" in meta:
         # Evaluate what the workdir holds, at its step: nothing is trained.
         job.schedule = dataclasses.replace(job.schedule, total_steps=job.step)
@@ -391,6 +395,7 @@ class Trainer:
       "image_size": int(self.config.data.image_size),
       "method": self.method.describe(),
       "config": config_to_json(self.config),
+      "best": dict(job.best),  # [ckpt]
       **job.kept_meta,
       **(extra or {}),
     }
@@ -473,6 +478,7 @@ class Trainer:
   def evaluate_host(self, job: Job, step: int, test, val, final: bool) -> tuple[dict, dict]:
     """Metrics, thresholds, TensorBoard, and when ``final`` the csv and pictures."""
     cfg = self.config
+    faults.point("host_eval", path=os.path.join(self.workdir, job.name))  # [ckpt]
     t0 = time.time()
     thr = evaluate.choose_thresholds(
       val if val is not None else test, float(cfg.thresholds.normal_quantile)
@@ -612,6 +618,7 @@ class Trainer:
   def start_segment(self, seg: schedule.Segment, slot: int, stacked: Any) -> Any:
     """Puts the segment's job into ``slot``: its checkpoint, or a fresh state."""
     job = self.jobs[seg.job]
+    faults.point("job_start", path=os.path.join(self.workdir, job.name))  # [ckpt]
     if job.failed:
       return stacked
     state = self.restore(job, slot) if job.has_checkpoint else None
@@ -900,6 +907,7 @@ class Trainer:
   def write_results(self) -> list[dict[str, Any]]:
     """results.csv / results.md (and results_per_seed.csv), gathered from all processes."""
     cfg = self.config
+    faults.point("results_write", path=self.workdir)  # [ckpt]
     local = []
     for slot in self.local:
       for seg in self.plan[slot]:
