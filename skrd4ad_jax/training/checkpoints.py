@@ -159,7 +159,7 @@ def _install_noise_filters() -> None:
 @contextlib.contextmanager
 def _quiet(detail_path: str | None) -> Iterator[None]:
   """Orbax's own logging muted while a possibly damaged step is read."""
-  _detail["path"] = detail_path or _detail["path"]
+  _detail["path"] = detail_path  # None: the details are dropped (a workdir only read)
   _install_noise_filters()
   orbax_logger = std_logging.getLogger("absl")
   noise = _AsyncioNoise()
@@ -517,17 +517,22 @@ def _broken_message(manager: ocp.CheckpointManager, step: int, problem: str, res
 
 
 def _read_step(
-  manager: ocp.CheckpointManager, step: int, abstract_state: Any, config: Any
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_state: Any,
+  config: Any,
+  detail_path: str | None = None,
 ) -> tuple[tuple[Any, dict] | None, str | None]:
   """((state, meta), None) of ``step``, or (None, why it cannot be read); quietly.
 
-  ``abstract_state`` carries the restore shardings (see ``restore``).
+  ``abstract_state`` carries the restore shardings (see ``restore``); the
+  tracebacks of a failed read go to ``detail_path`` (None: nowhere).
 
   Raises:
     CheckpointError: the step holds another model, or (several processes) its
       arrays cannot be read.
   """
-  with _quiet(_detail_path(os.fspath(manager.directory))):
+  with _quiet(detail_path):
     # File and metadata checks read the same shared files on every process, so all
     # processes agree on them before the collective read.
     problem = (
@@ -737,7 +742,8 @@ def latest_usable(
   for i, s in enumerate(steps):
     if config is not None:
       check_model(manager, s, config)
-    restored, problem = _read_step(manager, s, abstract_state, config)
+    detail = _detail_path(directory) if set_aside else None
+    restored, problem = _read_step(manager, s, abstract_state, config, detail)
     if restored is not None:
       # Only its readability mattered: the loop restores it into its slot later.
       return s, restored[1]

@@ -116,6 +116,7 @@ def ensure_workdir(workdir: str) -> str:
 def write_test_predictions(pred: evaluate.Predictions, thr: dict[str, Any], path: str) -> None:
   """Per-image test results: raw and normalised scores, OK/NG at the stored threshold."""
   norm_scores, _ = evaluate.normalized(pred, thr)
+  faults.point("test_predictions_csv", path=path)  # [ckpt]
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(
