@@ -211,6 +211,7 @@ def test_each_damage_is_set_aside_and_the_run_finishes(trained, data_root, tmp_p
   check_damage_is_set_aside(trained, data_root, tmp_path, damage)
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_means_a_fresh_start(trained, data_root, tmp_path):
   workdir = copy_of(trained, tmp_path)
   for step in (2, 4):
@@ -274,7 +275,7 @@ def test_predict_skips_a_damaged_checkpoint_quietly(trained, tmp_path):
 @pytest.mark.parametrize(
   "fault, where",
   [
-    ("checkpoint_write:2:oserror", "checkpoints/4"),
+    pytest.param("checkpoint_write:2:oserror", "checkpoints/4", marks=pytest.mark.slow),
     pytest.param("picture_write:2:readonly", "images/test", marks=pytest.mark.slow),
     pytest.param("results_csv:1:oserror", "results.csv", marks=pytest.mark.slow),
     pytest.param("test_predictions_csv:1:oserror", "test_predictions.csv", marks=pytest.mark.slow),
