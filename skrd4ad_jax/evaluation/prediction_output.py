@@ -27,6 +27,7 @@ import numpy as np
 
 from skrd4ad_jax.evaluation import thresholds as thresholds_lib
 from skrd4ad_jax.evaluation import visualize
+from skrd4ad_jax.training import faults
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_score_raw", "pred_label")
 MASK_DIR = "masks"
@@ -295,6 +296,7 @@ def write_predictions(
   csv_path = os.path.join(output, "predictions.csv")
   summary = {"predicted": 0, "skipped": [], "ng": 0, "csv": csv_path}
   t0 = last = time.time()
+  faults.point("predictions_csv", path=csv_path)
   with open(csv_path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS)

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from skrd4ad_jax.training import faults
+
 PUBLISHED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published_results.csv")
 
 # Our dataset names are the csv's; the aliases are what users type.
@@ -436,6 +438,7 @@ def write_results_table(
   categories = [str(row[CATEGORY]) for row in rows]
 
   results_csv = os.path.join(out_dir, "results.csv")
+  faults.point("results_csv", path=results_csv)
   with open(results_csv, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(columns)

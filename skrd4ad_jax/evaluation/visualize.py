@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from skrd4ad_jax import normalization
+from skrd4ad_jax.training import faults
 
 GT_COLOR = (0, 255, 0)
 PRED_COLOR = (255, 0, 0)
@@ -346,6 +347,7 @@ def save_picture(path: str | os.PathLike, picture: np.ndarray) -> None:
   directory = os.path.dirname(os.fspath(path))
   if directory:
     os.makedirs(directory, exist_ok=True)
+  faults.point("picture_write", path=path)
   Image.fromarray(picture).save(path, format="PNG")
 
 

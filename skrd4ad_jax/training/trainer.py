@@ -47,7 +47,7 @@ from skrd4ad_jax import errors, methods, teachers
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.evaluation import results as results_lib
 from skrd4ad_jax.training import batches as batches_lib
-from skrd4ad_jax.training import checkpoints, memory, parallel, schedule, train
+from skrd4ad_jax.training import checkpoints, faults, memory, parallel, schedule, train
 
 RESULT_METRICS = results_lib.METRIC_COLUMNS
 # Metrics whose best value over the periodic evaluations is reported, apart and
@@ -116,6 +116,7 @@ def ensure_workdir(workdir: str) -> str:
 def write_test_predictions(pred: evaluate.Predictions, thr: dict[str, Any], path: str) -> None:
   """Per-image test results: raw and normalised scores, OK/NG at the stored threshold."""
   norm_scores, _ = evaluate.normalized(pred, thr)
+  faults.point("test_predictions_csv", path=path)  # [ckpt]
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(
@@ -155,6 +156,48 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
   return out
+
+
+class LoggingWriter:
+  """Scalars to the log when clu's TensorBoard writer cannot be had (no TensorFlow)."""
+
+  def __init__(self, collection: str):
+    self.collection = collection
+
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    text = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
+    logging.info("[%s] step %d: %s", self.collection, step, text)
+
+  def write_images(self, step: int, images: dict[str, Any]) -> None:
+    del step, images  # pictures are written as PNG files under <workdir>/<job>/images
+
+  def write_hparams(self, hparams: dict[str, Any]) -> None:
+    del hparams  # stored with every checkpoint (meta.config)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+_warned_no_tensorboard = []
+
+
+def make_writer(workdir: str, collection: str):
+  """clu's default writer (one TensorBoard run per job), or scalars to the log without TF."""
+  try:
+    from clu import metric_writers
+  except ImportError as e:  # clu's summary writer imports TensorFlow
+    if not _warned_no_tensorboard:
+      _warned_no_tensorboard.append(True)
+      logging.warning(
+        "No TensorBoard events are written (%s): training scalars go to the log. Install "
+        "tensorflow-cpu for TensorBoard runs.",
+        e,
+      )
+    return LoggingWriter(collection)
+  return metric_writers.create_default_writer(workdir, collection=collection)
 
 
 class HostWork:
@@ -250,17 +293,19 @@ class Trainer:
           self.method.default_num_steps(category),
         )
         self.jobs[name] = Job(name, category, k, int(config.seed) + k, sched)
-    self._read_checkpoint_steps()
-
-    devices = jax.devices()
-    data_axis = int(config.parallel.data_axis_size)
-    # -- memory-aware slots (training/memory.py): the teacher is loaded first, the
-    # step's memory is estimated, slots are chosen or checked, the eval batch capped.
+    # [ckpt] The plan reads every latest checkpoint in full: the teacher comes first.
     self.teacher_vars = teachers.load_teacher_variables(
       config.model.teacher,
       config.model.teacher_weights,
       image_size=int(config.data.image_size),
     )
+    self.abstract_state = jax.eval_shape(self.method.init, jax.random.PRNGKey(0), self.teacher_vars)
+    self._read_checkpoint_steps()
+
+    devices = jax.devices()
+    data_axis = int(config.parallel.data_axis_size)
+    # -- memory-aware slots (training/memory.py): with the teacher loaded above, the
+    # step's memory is estimated, slots are chosen or checked, the eval batch capped.
     loads = {j.name: max(0, j.total_steps - j.step) for j in self.jobs.values()}
     per_device, self.memory = memory.choose_slots_per_device(
       self.method,
@@ -303,7 +348,6 @@ class Trainer:
     self._managers: dict[tuple[str, int], Any] = {}
     self._fresh: dict[int, Any] = {}
     self._init = jax.jit(self.method.init)
-    self.abstract_state = jax.eval_shape(self.method.init, jax.random.PRNGKey(0), self.teacher_vars)
     self._features: dict[str, list[np.ndarray]] = {}
     self.stats = {"loop_seconds": 0.0, "host_seconds": 0.0, "steps": 0, "images": 0}
 
@@ -328,8 +372,11 @@ class Trainer:
   def _read_checkpoint_steps(self) -> None:
     """Where each job stands in the workdir: its latest checkpoint's step."""
     for job in self.jobs.values():
-      manager = checkpoints.make_manager(self.workdir, job.name, read_only=True)
-      meta = checkpoints.restore_meta(manager) if manager.latest_step() is not None else None
+      # [ckpt] The newest checkpoint that reads in full; unreadable ones are set aside.
+      usable = checkpoints.latest_usable(
+        self.workdir, job.name, self.abstract_state, config=self.config
+      )
+      meta = usable[1] if usable else None
       if meta is None:
         if self.eval_only:
           raise FileNotFoundError(
@@ -339,11 +386,11 @@ class Trainer:
             "one (--config=...:a,b)."
           )
         continue
-      checkpoints.check_model(manager, int(meta["step"]), self.config)
       job.has_checkpoint = True
       job.step = int(meta["step"])
       job.train_seconds = float(meta.get("train_seconds", 0.0))
       job.kept_meta = {k: meta[k] for k in ("imported_from",) if k in meta}
+      job.best = dict(meta.get("best", {}))  # [ckpt] test-selected figures survive a resume
       if self.eval_only or "imported_from" in meta:
         # Evaluate what the workdir holds, at its step: nothing is trained.
         job.schedule = dataclasses.replace(job.schedule, total_steps=job.step)
@@ -405,15 +452,14 @@ class Trainer:
       "image_size": int(self.config.data.image_size),
       "method": self.method.describe(),
       "config": config_to_json(self.config),
+      "best": dict(job.best),  # [ckpt]
       **job.kept_meta,
       **(extra or {}),
     }
 
   def writer(self, job: Job):
     if job.writer is None:
-      from clu import metric_writers
-
-      job.writer = metric_writers.create_default_writer(self.workdir, collection=job.name)
+      job.writer = make_writer(self.workdir, job.name)
       job.writer.write_hparams({**_flatten(config_to_json(self.config)), "job": job.name})
     return job.writer
 
@@ -487,6 +533,7 @@ class Trainer:
   def evaluate_host(self, job: Job, step: int, test, val, final: bool) -> tuple[dict, dict]:
     """Metrics, thresholds, TensorBoard, and when ``final`` the csv and pictures."""
     cfg = self.config
+    faults.point("host_eval", path=os.path.join(self.workdir, job.name))  # [ckpt]
     t0 = time.time()
     thr = evaluate.choose_thresholds(
       val if val is not None else test, float(cfg.thresholds.normal_quantile)
@@ -615,7 +662,7 @@ class Trainer:
       return None
     state, meta = restored
     if int(meta["step"]) != job.step:
-      raise RuntimeError(
+      raise errors.UserError(
         f"[{job.name}] the latest checkpoint is at step {meta['step']}, the run expected "
         f"{job.step}: was the workdir changed during the run?"
       )
@@ -626,12 +673,13 @@ class Trainer:
   def start_segment(self, seg: schedule.Segment, slot: int, stacked: Any) -> Any:
     """Puts the segment's job into ``slot``: its checkpoint, or a fresh state."""
     job = self.jobs[seg.job]
+    faults.point("job_start", path=os.path.join(self.workdir, job.name))  # [ckpt]
     if job.failed:
       return stacked
     state = self.restore(job, slot) if job.has_checkpoint else None
     if state is None:
       if job.step:
-        raise RuntimeError(f"[{job.name}] no checkpoint to continue from at step {job.step}.")
+        raise errors.UserError(f"[{job.name}] no checkpoint to continue from at step {job.step}.")
       state = self.fresh_state(job.seed)
     if slot in self.local:
       stacked = parallel.set_local_slot(stacked, slot, state)
@@ -914,6 +962,7 @@ class Trainer:
   def write_results(self) -> list[dict[str, Any]]:
     """results.csv / results.md (and results_per_seed.csv), gathered from all processes."""
     cfg = self.config
+    faults.point("results_write", path=self.workdir)  # [ckpt]
     local = []
     for slot in self.local:
       for seg in self.plan[slot]:
