@@ -26,24 +26,8 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import math
 
-# MVTec AD train/good counts (the official archive), for planning without the data.
-MVTEC_TRAIN_COUNTS = {
-  "bottle": 209,
-  "cable": 224,
-  "capsule": 219,
-  "carpet": 280,
-  "grid": 264,
-  "hazelnut": 391,
-  "leather": 245,
-  "metal_nut": 220,
-  "pill": 267,
-  "screw": 320,
-  "tile": 230,
-  "toothbrush": 60,
-  "transistor": 213,
-  "wood": 247,
-  "zipper": 240,
-}
+from skrd4ad_jax.categories import MVTEC_TRAIN_COUNTS
+
 # The number of slots ``auto`` may give one accelerator.
 MAX_AUTO_SLOTS_PER_DEVICE = 8
 # ``auto`` takes the most slots whose plan keeps at least this share useful.
