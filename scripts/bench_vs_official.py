@@ -65,7 +65,7 @@ def official_step(config):
   import official_torch as ot
   import torch
 
-  from skrd4ad_jax.models.student import student_layout
+  from skrd4ad_jax.teachers.recipe import student_layout
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
@@ -97,7 +97,7 @@ def our_step(config):
 
   from skrd4ad_jax import methods, teachers
   from skrd4ad_jax.models import layers
-  from skrd4ad_jax.training import batches, train
+  from skrd4ad_jax.training import batches, steps
 
   if FLAGS.conv_impl != "auto":
     impl = FLAGS.conv_impl
@@ -112,7 +112,7 @@ def our_step(config):
   host = batches.synthetic_batch(method, config, 1, np.random.default_rng(0))
   batch = jax.device_put({k: v[0] for k, v in host.items()})
   compiled = (
-    train.jitted_train_step(method).lower(state, teacher_vars, batch, key, np.bool_(True)).compile()
+    steps.jitted_train_step(method).lower(state, teacher_vars, batch, key, np.bool_(True)).compile()
   )
   holder = {"state": state}
 
@@ -147,9 +147,9 @@ def time_side(side: str, config) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  from skrd4ad_jax import config as config_lib
+  from skrd4ad_jax.teachers import recipe
 
-  config = config_lib.resolve(FLAGS.config)
+  config = recipe.resolve(FLAGS.config)
   if FLAGS.side:  # a child: one side, figures as JSON on the last line of stdout
     print(json.dumps(time_side(FLAGS.side, config)), flush=True)
     return

@@ -177,13 +177,13 @@ def peak_memory_bytes(devices):
   return max(peaks) if peaks else None
 
 
-def time_step(config, method, teacher_vars, num_jobs, steps, seed, margin):
+def time_step(config, method, teacher_vars, num_jobs, num_steps, seed, margin):
   """Compiles and (when it fits) times the step of ``num_jobs`` jobs; returns figures."""
   import jax
   import numpy as np
 
   from skrd4ad_jax.training import batches as batches_lib
-  from skrd4ad_jax.training import parallel, train
+  from skrd4ad_jax.training import parallel, steps
 
   key = jax.random.PRNGKey(seed)
   state = jax.jit(method.init)(key, teacher_vars)
@@ -194,7 +194,7 @@ def time_step(config, method, teacher_vars, num_jobs, steps, seed, margin):
     host = batches_lib.synthetic_batch(method, config, 1, np_rng)
     batch = jax.device_put({k: v[0] for k, v in host.items()})
     args = (state, teacher_vars, batch, key, np.bool_(True))
-    step = train.jitted_train_step(method)
+    step = steps.jitted_train_step(method)
     devices_used = 1
   else:
     mode = "parallel"
@@ -249,7 +249,7 @@ def time_step(config, method, teacher_vars, num_jobs, steps, seed, margin):
 
   state, first_step_seconds = run(args[0])
   times = []
-  for _ in range(steps):
+  for _ in range(num_steps):
     state, dt = run(state)
     times.append(dt)
   step_seconds = statistics.median(times)
@@ -280,11 +280,11 @@ def main(argv):
     raise app.UsageError("--config is required (or --plan_only).")
   import jax
 
-  from skrd4ad_jax import config as config_lib
+  from skrd4ad_jax.teachers import recipe
   from skrd4ad_jax import methods, teachers
   from skrd4ad_jax.training import schedule
 
-  config = config_lib.resolve(FLAGS.config)
+  config = recipe.resolve(FLAGS.config)
   ks = sorted({int(k) for k in FLAGS.categories})
   if not ks or ks[0] < 1:
     raise app.UsageError(f"--categories must be positive integers, got {FLAGS.categories}.")

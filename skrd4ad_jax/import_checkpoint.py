@@ -63,7 +63,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from skrd4ad_jax import config as config_lib
+from skrd4ad_jax.teachers import recipe
 from skrd4ad_jax import methods, teachers, torch_io
 from skrd4ad_jax.config import defaults
 from skrd4ad_jax.teachers import porting
@@ -366,7 +366,7 @@ def official_config(
   if weights not in ("", "random"):
     config.model.teacher_weights = os.path.abspath(os.path.expanduser(weights))
   config.data.categories = (category,)
-  return config_lib.resolve(config)
+  return recipe.resolve(config)
 
 
 def import_checkpoint(

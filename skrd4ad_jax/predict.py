@@ -59,7 +59,7 @@ from skrd4ad_jax.evaluation.prediction_output import (  # noqa: F401 (the module
   stored_thresholds,
   write_predictions,
 )
-from skrd4ad_jax.training import checkpoints, schedule, train
+from skrd4ad_jax.training import checkpoints, schedule, steps
 
 FLAGS = flags.FLAGS
 
@@ -212,7 +212,7 @@ class Predictor(ThresholdedPredictor):
       restored = checkpoints.restore(manager, abstract, step=restored[1]["step"], report=report)
     self.state, self.meta = restored
     self.step = int(self.meta["step"])
-    self._eval_step = train.jitted_eval_step(self.method)
+    self._eval_step = steps.jitted_eval_step(self.method)
     self._set_thresholds(
       self.meta.get("thresholds"), f"checkpoint of {self.category!r} at step {self.step}"
     )

@@ -17,7 +17,7 @@ import pytest
 from skrd4ad_jax import methods, normalization, teachers
 from skrd4ad_jax.config import load_config
 from skrd4ad_jax.evaluation import metrics
-from skrd4ad_jax.training import train
+from skrd4ad_jax.training import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
@@ -66,12 +66,12 @@ def demo(tmp_path_factory):
   return train_images, test_images, np.stack(masks).astype(np.uint8)
 
 
-def train_steps(method, teacher_vars, images, steps, seed=0):
+def train_steps(method, teacher_vars, images, num_steps, seed=0):
   state = jax.jit(method.init)(jax.random.PRNGKey(seed), teacher_vars)
-  step = train.jitted_train_step(method)
+  step = steps.jitted_train_step(method)
   rng = np.random.default_rng(seed)
   losses = []
-  for t in range(steps):
+  for t in range(num_steps):
     idx = rng.choice(len(images), 4, replace=False)
     batch = method.make_batch(normalization.normalize_uint8(images[idx]), rng, "brick")
     state, m = step(state, teacher_vars, batch, jax.random.PRNGKey(t), True)

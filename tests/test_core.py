@@ -12,7 +12,7 @@ from skrd4ad_jax.config import defaults
 from skrd4ad_jax.methods import build_method
 from skrd4ad_jax.models import layers
 from skrd4ad_jax.models.decoder import Decoder
-from skrd4ad_jax.training import train
+from skrd4ad_jax.training import steps
 
 
 def count(tree):
@@ -285,7 +285,7 @@ def trained(small):
   sk, _, tv = small
   state = sk.init(jax.random.PRNGKey(0), tv)
   teacher_before = jax.tree.map(np.asarray, tv)
-  step = train.jitted_train_step(sk)
+  step = steps.jitted_train_step(sk)
   stats_before = jax.tree.map(np.asarray, state.batch_stats)
   rng = np.random.default_rng(0)
   curve = []
@@ -311,7 +311,7 @@ def test_training_loss_falls(trained):
 def test_inactive_step_leaves_state_untouched(trained):
   sk, tv, state, *_ = trained
   batch = {"image": stripe_images(8, np.random.default_rng(5))}
-  new, _ = jax.jit(lambda s: train.train_step(sk, s, tv, batch, jax.random.PRNGKey(0), False))(
+  new, _ = jax.jit(lambda s: steps.train_step(sk, s, tv, batch, jax.random.PRNGKey(0), False))(
     state
   )
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new), jax.device_get(state))
@@ -325,7 +325,7 @@ def test_anomaly_map_peaks_inside_a_foreign_patch(trained, seed):
   y0, x0 = rng.integers(8, 40, size=2)
   red = np.stack([np.full((16, 16), 0.9), np.full((16, 16), 0.2), np.full((16, 16), 0.2)], -1)
   image[0, y0 : y0 + 16, x0 : x0 + 16] = (red - 0.45) / 0.225
-  maps, scores = train.jitted_eval_step(sk)(state, tv, jnp.asarray(image), jax.random.PRNGKey(0))
+  maps, scores = steps.jitted_eval_step(sk)(state, tv, jnp.asarray(image), jax.random.PRNGKey(0))
   m = np.asarray(maps[0])
   y, x = np.unravel_index(np.argmax(m), m.shape)
   assert y0 <= y < y0 + 16 and x0 <= x < x0 + 16, ((y, x), (y0, x0))

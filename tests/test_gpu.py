@@ -14,7 +14,7 @@ import pytest
 
 from skrd4ad_jax import methods, teachers
 from skrd4ad_jax.config import load_config
-from skrd4ad_jax.training import parallel, train
+from skrd4ad_jax.training import parallel, steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.gpu, pytest.mark.accelerator]
@@ -29,16 +29,16 @@ def test_vmapped_slots_equal_single_steps_on_the_default_backend(dtype):
   cfg.train.batch_size = 4
   method = methods.build_method(cfg)
   teacher_vars = teachers.load_teacher_variables("resnet18", "random", image_size=64, seed=0)
-  k, steps = 3, 3
+  k, num_steps = 3, 3
   init = jax.jit(method.init)
   states = [jax.device_get(init(jax.random.PRNGKey(i), teacher_vars)) for i in range(k)]
   keys = [np.asarray(jax.random.PRNGKey(10 + i)) for i in range(k)]
-  images = np.random.default_rng(0).normal(size=(steps, k, 4, 64, 64, 3)).astype(np.float32)
-  single = train.jitted_train_step(method)
-  ref_losses = np.zeros((steps, k))
+  images = np.random.default_rng(0).normal(size=(num_steps, k, 4, 64, 64, 3)).astype(np.float32)
+  single = steps.jitted_train_step(method)
+  ref_losses = np.zeros((num_steps, k))
   for c in range(k):
     state = states[c]
-    for t in range(steps):
+    for t in range(num_steps):
       state, m = single(state, teacher_vars, {"image": images[t, c]}, keys[c], True)
       ref_losses[t, c] = float(m["loss"])
   mesh = parallel.make_mesh(k)
@@ -48,7 +48,7 @@ def test_vmapped_slots_equal_single_steps_on_the_default_backend(dtype):
   tv = parallel.put_replicated(teacher_vars, mesh)
   rngs = np.stack(keys + [keys[0]] * (slots - k))
   active = np.arange(slots) < k
-  for t in range(steps):
+  for t in range(num_steps):
     batch = np.concatenate([images[t], np.zeros((slots - k, 4, 64, 64, 3), np.float32)])
     stacked, m = step(stacked, tv, parallel.put_batch({"image": batch}, mesh), rngs, active)
     losses = np.asarray(m["loss"])[:k]

@@ -11,8 +11,8 @@ from small_models import count, small_config
 from skrd4ad_jax import teachers
 from skrd4ad_jax.methods import build_method
 from skrd4ad_jax.methods.mrkd import heads as mrkd_heads
-from skrd4ad_jax.models.student import student_layout
-from skrd4ad_jax.training import parallel, train
+from skrd4ad_jax.teachers.recipe import student_layout
+from skrd4ad_jax.training import parallel, steps
 
 SIZE = 64
 WRN_CHANNELS = (256, 512, 1024)
@@ -125,15 +125,15 @@ def test_mask_at_test_flag(teacher_vars, state):
 
 @pytest.mark.slow
 def test_vmapped_two_category_training_lowers_the_loss(method, teacher_vars, state):
-  steps = 20
+  num_steps = 20
   categories = ("carpet", "bottle")
   stacked = parallel.stack([state, state])
   step = jax.jit(
-    jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, None, 0))
+    jax.vmap(functools.partial(steps.train_step, method), in_axes=(0, None, 0, None, 0))
   )
   images = np.random.default_rng(0).normal(size=(2, 2, SIZE, SIZE, 3)).astype(np.float32)
   losses = []
-  for i in range(steps):
+  for i in range(num_steps):
     batches = [
       method.make_batch(images[k], np.random.default_rng((k, i)), c)
       for k, c in enumerate(categories)

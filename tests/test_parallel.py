@@ -220,7 +220,7 @@ def _step_worker(spec):
   import jax
 
   from skrd4ad_jax import methods, teachers
-  from skrd4ad_jax.training import parallel, train
+  from skrd4ad_jax.training import parallel, steps
 
   config = tiny_config(("brick",), "")
   method = methods.build_method(config)
@@ -241,7 +241,7 @@ def _step_worker(spec):
   active[-1, 1] = False  # category 1 sits out the last step: its state must not move
   keys = [np.asarray(jax.random.PRNGKey(100 + c)) for c in range(k)]  # each job its own
 
-  single = train.jitted_train_step(method)
+  single = steps.jitted_train_step(method)
   reference, ref_after_1, ref_losses = [], [], np.zeros((steps, k))
   for c in range(k):
     state = states[c]

@@ -21,7 +21,7 @@ from data_pipelines import input_pipeline
 from skrd4ad_jax import predict
 from skrd4ad_jax.data import folder
 from skrd4ad_jax.evaluation import evaluate
-from skrd4ad_jax.training import train
+from skrd4ad_jax.training import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = "brick"
@@ -92,7 +92,7 @@ def _make_folder(tmp_path, data_root, good=2):
 def test_predict_reproduces_evaluation_scores(tiny_run, predictor):
   config, workdir, data_root = tiny_run
   data = input_pipeline.make_category_data(config.data, CATEGORY)
-  eval_step = train.jitted_eval_step(predictor.method)
+  eval_step = steps.jitted_eval_step(predictor.method)
   ev = evaluate.predict(
     lambda im: eval_step(predictor.state, predictor.teacher_vars, im, predictor.rng),
     data.eval_batches("test", int(config.eval.batch_size)),

@@ -12,8 +12,8 @@ from skrd4ad_jax import interpolation, losses, teachers
 from skrd4ad_jax.methods import build_method
 from skrd4ad_jax.methods.rd_expert import method as rd_expert
 from skrd4ad_jax.methods.rd_expert import student as expert_student
-from skrd4ad_jax.models.student import student_layout
-from skrd4ad_jax.training import parallel, train
+from skrd4ad_jax.teachers.recipe import student_layout
+from skrd4ad_jax.training import parallel, steps
 
 SIZE = 64
 WRN_CHANNELS = (256, 512, 1024)
@@ -157,15 +157,15 @@ def test_make_batch_draem(method):
 
 @pytest.mark.slow
 def test_vmapped_two_category_training(method, teacher_vars, state):
-  steps = 20
+  num_steps = 20
   categories = ("carpet", "bottle")
   stacked = parallel.stack([state, state])
   step = jax.jit(
-    jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, None, 0))
+    jax.vmap(functools.partial(steps.train_step, method), in_axes=(0, None, 0, None, 0))
   )
   images = np.random.default_rng(0).normal(size=(2, 2, SIZE, SIZE, 3)).astype(np.float32)
   history = []
-  for i in range(steps):
+  for i in range(num_steps):
     batches = [
       method.make_batch(images[k], np.random.default_rng((k, i)), c)
       for k, c in enumerate(categories)

@@ -4,16 +4,17 @@
 - ``load_config('configs/mvtec.py:bottle,cable')``: a config file as
   ``--config=`` reads it (its ``get_config(arg)``), without touching ``sys.path``.
 - ``parse_categories``: the ``:a,b`` argument of a dataset config.
-- ``validation.validate(config)``: the whole config checked before a run.
-- ``resolve(config)``: a copy with the teacher's defaults filled in
-  (``teachers.registry``): what a run actually uses, and what it stores.
+- ``validation``: the checks that need nothing above this layer (keys, types,
+  ranges, combinations); ``training/preflight.py`` adds the registries' checks.
+- ``flatten(config)``: ``{'train.epochs': 200, ...}``, the one flattener.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import importlib.util
 import os
+from typing import Any
 
 import ml_collections
 
@@ -56,43 +57,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str):
-  node = config
-  *parents, leaf = dotted.split(".")
-  for p in parents:
-    node = node[p]
-  return node, leaf
+def flatten(config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every leaf of a (nested) config or dict under its dotted key.
 
-
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with every setting left to the teacher filled in.
-
-  Settings that belong to the teacher (``registry.OFFICIAL_RECIPE``'s keys:
-  the loss kind, the consistency weight, the map levels) take the value of
-  ``config.model.teacher``'s recipe when they are None. Idempotent.
+  ``{'train': {'epochs': 2}}`` -> ``{'train.epochs': 2}``; lists and tuples are
+  leaves. Used wherever configs are compared, listed or logged.
   """
-  from skrd4ad_jax.teachers import registry
-
-  resolved = ml_collections.ConfigDict(config.to_dict())
-  spec = registry.get(resolved.model.teacher)
-  for key in registry.OFFICIAL_RECIPE:
-    node, leaf = _get(resolved, key)
-    if node.get(leaf) is None:
-      node[leaf] = spec.recipe_value(key)
-  return resolved
-
-
-def teacher_recipe_notes(config: ml_collections.ConfigDict) -> list[str]:
-  """Which recipe settings of a resolved config differ from the official recipe, and why."""
-  from skrd4ad_jax.teachers import registry
-
-  spec = registry.get(config.model.teacher)
-  differ = []
-  for key, official in registry.OFFICIAL_RECIPE.items():
-    node, leaf = _get(config, key)
-    value = node.get(leaf)
-    value = tuple(value) if isinstance(value, (list, tuple)) else value
-    if value != official:
-      source = "the teacher's default" if spec.recipe.get(key) == value else "set in the config"
-      differ.append(f"{key}={value!r} ({source}; official: {official!r})")
-  return differ
+  if isinstance(config, ml_collections.ConfigDict):
+    config = config.to_dict()
+  out: dict[str, Any] = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping):
+      out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+    else:
+      out[str(key)] = value
+  return out

@@ -1,22 +1,18 @@
-"""The whole config checked before anything runs: one error listing every problem.
+"""Config checks that need nothing above the configuration layer, and ``ConfigError``.
 
-``validate(config)`` compares a config with ``defaults.get_config()`` (unknown
-keys, with a "did you mean") and checks every field's type, range and choices,
-the combinations that only fail later (thresholds on a validation split that is
-empty, feature caching with an augmenting method, an image size the network
-cannot take), the per-method sections and the per-category strings. It raises
-one :class:`ConfigError` whose ``problems`` each name the field, the value and
-the fix, so that ``main`` prints one line per problem within seconds instead of
-a traceback after hours.
-
-The choices come from the modules that use them (``losses.LOSS_KINDS``,
-``anomaly_map.MAP_MODES``, ``teachers.registry.TEACHERS``...); nothing here
-imports TensorFlow.
+``problems(config)`` compares a config with ``defaults.get_config()`` (unknown
+keys, with a "did you mean") and checks the types, ranges and combinations of
+the fields this layer knows (training budget, data, evaluation, thresholds, slot
+counts, the per-category strings). The checks that need the registries of
+methods, teachers, maps and the loop (``training/preflight.py``) run as further
+``sections`` of the same pass, so a run reports every problem at once: one
+:class:`ConfigError` whose ``problems`` each name the field, the value and the
+fix. Nothing here imports JAX or TensorFlow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import difflib
 import math
 from typing import Any
@@ -28,8 +24,6 @@ from skrd4ad_jax.config import defaults
 DATA_SOURCES = ("folder", "tfds", "demo")
 TFDS_DATASETS = ("mvtec_ad", "visa", "vad")
 THRESHOLD_SOURCES = ("val", "test")
-EVAL_PROTOCOLS = ("project", "official")
-SKIP_CONNECTIONS = (-1, 0, 1)
 # The teacher's deepest tap (E3) has stride 16 and the bottleneck's OCE stage
 # halves it once more; the decoder doubles it back three times and adds it to
 # E3, E2, E1. Any other size leaves a feature map whose half does not double
@@ -157,7 +151,7 @@ def _compare_with_defaults(
 # Values.
 
 
-class _Checks:
+class Checks:
   """Collects problems; each check is skipped when the field is absent or mistyped."""
 
   def __init__(self, config: ml_collections.ConfigDict, skip: set[str]):
@@ -251,76 +245,7 @@ def parse_category_values(spec: str, key: str) -> tuple[dict[str, int], list[str
   return values, problems
 
 
-def _method_class(name: str):
-  """The method class of ``config.model.name`` (class attributes only; nothing is built)."""
-  if name in ("sk_rd4ad", "rd4ad"):
-    from skrd4ad_jax.methods.rd import ReverseDistillation
-
-    return ReverseDistillation
-  if name == "mrkd":
-    from skrd4ad_jax.methods.mrkd.method import MRKD
-
-    return MRKD
-  from skrd4ad_jax.methods.rd_expert.method import RDExpert
-
-  return RDExpert
-
-
-def _check_model(c: _Checks) -> None:
-  from skrd4ad_jax import methods
-  from skrd4ad_jax.methods.base import DTYPES
-  from skrd4ad_jax.teachers import registry
-
-  c.choice("model.name", methods.METHOD_NAMES)
-  c.choice(
-    "model.teacher",
-    tuple(registry.TEACHERS),
-    " See the Teachers table of the README.",
-  )
-  c.choice("model.skip_connections", SKIP_CONNECTIONS, " -1 = by model name, 0 = off, 1 = on.")
-  for key in ("bottleneck_width_per_group", "decoder_width_per_group", "oce_blocks"):
-    c.integer(f"model.{key}", 0, " 0 = the teacher's official value.")
-  if c.has("model.decoder_blocks"):
-    blocks = c.get("model.decoder_blocks")
-    if blocks and (
-      len(blocks) != 3
-      or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks)
-    ):
-      c.add(
-        f"config.model.decoder_blocks={tuple(blocks)!r} must be three integers >= 1 "
-        "(blocks per decoder stage), or () for the teacher's official value."
-      )
-  c.choice("model.dtype", tuple(DTYPES), " Use 'bfloat16' on accelerators, else 'float32'.")
-
-
-def _check_maps_and_loss(c: _Checks) -> None:
-  from skrd4ad_jax import anomaly_map, interpolation, losses
-  from skrd4ad_jax.teachers import registry
-
-  c.choice("loss.kind", losses.LOSS_KINDS)
-  c.number("loss.consistency_rate", 0, math.inf)
-  c.choice("anomaly_map.mode", anomaly_map.MAP_MODES)
-  c.number("anomaly_map.sigma", 0, math.inf, fix=" 0 disables the blur.")
-  c.number("anomaly_map.truncate", 0, math.inf, low_open=True)
-  c.choice("anomaly_map.blur_mode", interpolation.BLUR_MODES)
-  if c.has("anomaly_map.levels") and c.get("anomaly_map.levels") is not None:
-    levels = c.get("anomaly_map.levels")
-    teacher = c.get("model.teacher")
-    num_levels = len(registry.TEACHERS[teacher].channels) if teacher in registry.TEACHERS else 3
-    ok = (
-      len(levels) > 0
-      and all(isinstance(v, int) and not isinstance(v, bool) for v in levels)
-      and all(1 <= v <= num_levels for v in levels)
-      and len(set(levels)) == len(levels)
-    )
-    if not ok:
-      c.add(
-        f"config.anomaly_map.levels={tuple(levels)!r} must be a non-empty subset of "
-        f"1..{num_levels} without repeats (1 = the shallowest teacher level), e.g. (1, 2, 3)."
-      )
-
-
-def _check_train(c: _Checks) -> None:
+def _check_train(c: Checks) -> None:
   c.integer("train.batch_size", 1, " E.g. --config.train.batch_size=16.")
   c.integer("train.num_steps", 0, " 0 = count epochs instead.")
   c.number("train.learning_rate", 0, math.inf, low_open=True)
@@ -355,7 +280,7 @@ def _check_train(c: _Checks) -> None:
         c.add(f"config.train.category_epochs gives {category!r} {epochs} epochs, which{untrained}")
 
 
-def _check_data(c: _Checks) -> None:
+def _check_data(c: Checks) -> None:
   c.choice("data.source", DATA_SOURCES)
   if c.get("data.source") == "tfds":
     c.choice("data.dataset", TFDS_DATASETS, " These are the tfds builders in data_pipelines/.")
@@ -391,13 +316,12 @@ def _check_data(c: _Checks) -> None:
       c.add(f"config.data.categories={tuple(categories)!r} names a category twice.")
 
 
-def _check_eval_and_thresholds(c: _Checks) -> None:
+def _check_eval_and_thresholds(c: Checks) -> None:
   c.integer("eval.batch_size", 1, " E.g. --config.eval.batch_size=16.")
   c.number("eval.fpr_limit", 0, 1, low_open=True, fix=" AUPRO's FPR limit; standard 0.3.")
   c.boolean("eval.save_pictures")
   c.integer("eval.tensorboard_pictures", 0)
   c.boolean("eval.baseline")
-  c.choice("eval.protocol", EVAL_PROTOCOLS)
   c.choice(
     "thresholds.source",
     THRESHOLD_SOURCES,
@@ -417,87 +341,46 @@ def _check_eval_and_thresholds(c: _Checks) -> None:
     )
 
 
-def _check_parallel(c: _Checks) -> None:
-  from skrd4ad_jax.training import parallel
-
+def _check_parallel_counts(c: Checks) -> None:
   c.integer("parallel.data_axis_size", 1, " 1 = categories only.")
   c.integer("parallel.slots_per_device", 0, " 0 = automatic.")
   c.number("parallel.device_memory_gb", 0, math.inf, fix=" 0 = what the device reports.")
-  c.choice("parallel.category_loop", parallel.CATEGORY_LOOPS)
-  data_axis = c.get("parallel.data_axis_size")
-  if c.get("parallel.category_loop") == "unroll" and isinstance(data_axis, int) and data_axis > 1:
-    c.add(
-      f"config.parallel.category_loop='unroll' needs config.parallel.data_axis_size=1 "
-      f"(got {data_axis}): use category_loop='vmap' to split batches over devices."
-    )
 
 
-def _check_methods(c: _Checks) -> None:
-  from skrd4ad_jax import methods
-  from skrd4ad_jax.methods.rd_expert import draem
-
-  c.number("mrkd.mask_ratio", 0, 1, high_open=True, fix=" MRKD's feature-mask ratio; default 0.2.")
-  c.boolean("mrkd.mask_at_test")
-  c.boolean("rd_expert.gated")
-  c.number("rd_expert.teacher_learning_rate", 0, math.inf, low_open=True)
-  c.choice("rd_expert.foreground", draem.FOREGROUND_MODES)
-  c.integer("rd_expert.num_steps", 1)
-  c.integer("rd_expert.long_num_steps", 1)
-  name = c.get("model.name")
-  if c.get("train.cache_teacher_features") is True and name in methods.METHOD_NAMES:
-    if not _method_class(name).supports_feature_cache:
-      c.add(
-        f"config.train.cache_teacher_features=True needs a method without input "
-        f"augmentation (rd4ad, sk_rd4ad); {name} changes its inputs every step. "
-        "Fix: --config.train.cache_teacher_features=False."
-      )
-
-
-_SECTIONS: tuple[Callable[[_Checks], None], ...] = (
-  _check_model,
-  _check_maps_and_loss,
+# The checks that need nothing above the configuration layer; the entry points
+# run them with the registries' checks (``training/preflight.py``).
+BASE_SECTIONS: tuple[Callable[[Checks], None], ...] = (
   _check_train,
   _check_data,
   _check_eval_and_thresholds,
-  _check_parallel,
-  _check_methods,
+  _check_parallel_counts,
 )
 
 
-def problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Every problem of ``config`` (resolved here: teacher defaults filled in); [] if none.
+def problems(
+  config: ml_collections.ConfigDict,
+  sections: Sequence[Callable[[Checks], None]] = BASE_SECTIONS,
+  resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None,
+) -> list[str]:
+  """Every problem of ``config`` that ``sections`` find; [] if none.
 
   Args:
     config: a run's config, e.g. ``FLAGS.config`` or ``load_config(...)``.
+    sections: the checks to run after the keys and types (``BASE_SECTIONS``
+      here; ``preflight.SECTIONS`` adds those of methods, teachers and maps).
+    resolve: fills the settings left to the teacher before the sections run
+      (what the run uses), when the caller can.
 
   Returns:
     One sentence per problem, each naming ``config.<field>``, the value and the fix.
   """
-  from skrd4ad_jax import config as config_lib
-  from skrd4ad_jax.teachers import registry
-
   base = defaults.get_config()
   known = list(flat_keys(base))
   found = _compare_with_defaults(config, base, known)
-  teacher = config.get("model", {}).get("teacher") if "model" in config else None
-  if teacher in registry.TEACHERS:
-    config = config_lib.resolve(config)  # What the run uses: the teacher's recipe filled in.
+  if resolve is not None:
+    config = resolve(config)
   # A mistyped field is reported once, by type, not again by range.
-  checks = _Checks(config, skip={key for key, _ in found})
-  for section in _SECTIONS:
+  checks = Checks(config, skip={key for key, _ in found})
+  for section in sections:
     section(checks)
   return [problem for _, problem in found] + checks.problems
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises one :class:`ConfigError` listing every problem of ``config``.
-
-  Args:
-    config: a run's config.
-
-  Raises:
-    ConfigError: ``.problems`` holds one sentence per problem.
-  """
-  found = problems(config)
-  if found:
-    raise ConfigError(found)

@@ -16,22 +16,30 @@ def build_method(config):
   The config is first resolved (``config.resolve``): settings left to the
   teacher take its defaults.
   """
-  from skrd4ad_jax.config import resolve
+  from skrd4ad_jax.teachers import recipe
 
-  config = resolve(config)
+  config = recipe.resolve(config)
   name = config.model.name
+  cls = method_class(name)
+  if name in ("sk_rd4ad", "rd4ad"):
+    skip = config.model.get("skip_connections", -1)
+    skip = (name == "sk_rd4ad") if skip in (-1, None) else bool(skip)
+    return cls(config, skip=skip)
+  return cls(config)
+
+
+def method_class(name: str):
+  """The ``Method`` class of ``config.model.name`` (imported, not built)."""
   if name in ("sk_rd4ad", "rd4ad"):
     from skrd4ad_jax.methods.rd import ReverseDistillation
 
-    skip = config.model.get("skip_connections", -1)
-    skip = (name == "sk_rd4ad") if skip in (-1, None) else bool(skip)
-    return ReverseDistillation(config, skip=skip)
+    return ReverseDistillation
   if name == "mrkd":
     from skrd4ad_jax.methods.mrkd.method import MRKD
 
-    return MRKD(config)
+    return MRKD
   if name == "rd_expert":
     from skrd4ad_jax.methods.rd_expert.method import RDExpert
 
-    return RDExpert(config)
+    return RDExpert
   raise ValueError(f"Unknown config.model.name {name!r}; choose one of {METHOD_NAMES}.")

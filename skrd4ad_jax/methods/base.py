@@ -21,7 +21,7 @@ import numpy as np
 
 from skrd4ad_jax import anomaly_map as amap
 from skrd4ad_jax import teachers
-from skrd4ad_jax.training.train import TrainState
+from skrd4ad_jax.methods.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

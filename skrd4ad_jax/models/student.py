@@ -25,28 +25,6 @@ class StudentLayout:
   decoder_width_per_group: int
 
 
-def student_layout(model_cfg) -> StudentLayout:
-  """Resolves the layout from ``config.model`` (0 / empty fields = the teacher's default).
-
-  The defaults are the official pairing of each teacher (``teachers.registry``).
-  """
-  from skrd4ad_jax.teachers import registry
-
-  spec = registry.get(model_cfg.teacher)
-  return StudentLayout(
-    channels=tuple(spec.channels),
-    block=spec.block,
-    oce_blocks=int(model_cfg.get("oce_blocks", 0) or spec.oce_blocks),
-    decoder_blocks=tuple(model_cfg.get("decoder_blocks", ()) or spec.decoder_blocks),
-    bottleneck_width_per_group=int(
-      model_cfg.get("bottleneck_width_per_group", 0) or spec.width_per_group
-    ),
-    decoder_width_per_group=int(
-      model_cfg.get("decoder_width_per_group", 0) or spec.width_per_group
-    ),
-  )
-
-
 def ocbe_for(layout: StudentLayout, dtype: Any = None) -> OCBE:
   """The OCBE bottleneck of ``layout`` (shared by every student)."""
   return OCBE(

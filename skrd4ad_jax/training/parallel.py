@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from skrd4ad_jax.config.validation import ConfigError
-from skrd4ad_jax.training import train
+from skrd4ad_jax.training import steps
 
 CATEGORY_AXIS = "category"
 DATA_AXIS = "data"
@@ -98,6 +98,18 @@ def shardings(mesh: Mesh) -> dict[str, NamedSharding]:
 CATEGORY_LOOPS = ("auto", "vmap", "unroll")
 
 
+def category_loop_problem(loop: str, data_axis_size: int) -> str | None:
+  """Why ``category_loop`` cannot run with ``data_axis_size``, or None ('auto' is
+  checked once the platform is known, by ``resolve_category_loop``)."""
+  if loop == "unroll" and isinstance(data_axis_size, int) and data_axis_size > 1:
+    return (
+      f"config.parallel.category_loop='unroll' needs config.parallel.data_axis_size=1 "
+      f"(got {data_axis_size}; on CPU 'auto' is 'unroll'): use "
+      "--config.parallel.category_loop=vmap to split batches over devices."
+    )
+  return None
+
+
 def resolve_category_loop(loop: str, mesh: Mesh) -> str:
   """'auto' -> 'unroll' on CPU (XLA:CPU runs vmapped, batched-weight convolutions
   as slow grouped convolutions), 'vmap' elsewhere."""
@@ -105,14 +117,9 @@ def resolve_category_loop(loop: str, mesh: Mesh) -> str:
     raise ConfigError([f"config.parallel.category_loop={loop!r}; choose one of {CATEGORY_LOOPS}."])
   if loop == "auto":
     loop = "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
-  if loop == "unroll" and mesh.shape[DATA_AXIS] > 1:
-    raise ConfigError(
-      [
-        "config.parallel.category_loop='unroll' needs config.parallel.data_axis_size=1 "
-        "(on CPU 'auto' is 'unroll'); use --config.parallel.category_loop=vmap to split "
-        "batches."
-      ]
-    )
+  problem = category_loop_problem(loop, mesh.shape[DATA_AXIS])
+  if problem:
+    raise ConfigError([problem])
   return loop
 
 
@@ -125,7 +132,7 @@ def _unrolled_step(method, states, teacher_vars, batch, rngs, active):
   step differently).
   """
   outs = [
-    train.train_step(
+    steps.train_step(
       method, unstack(states, i), teacher_vars, unstack(batch, i), rngs[i], active[i]
     )
     for i in range(active.shape[0])
@@ -156,7 +163,7 @@ def make_parallel_train_step(method, mesh: Mesh, category_loop: str = "auto"):
       check_vma=False,
     )
   else:
-    step = jax.vmap(functools.partial(train.train_step, method), in_axes=(0, None, 0, 0, 0))
+    step = jax.vmap(functools.partial(steps.train_step, method), in_axes=(0, None, 0, 0, 0))
   return jax.jit(
     step,
     in_shardings=(sh["state"], sh["replicated"], sh["batch"], sh["state"], sh["state"]),
