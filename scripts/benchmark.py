@@ -280,8 +280,8 @@ def main(argv):
     raise app.UsageError("--config is required (or --plan_only).")
   import jax
 
-  from skrd4ad_jax.teachers import recipe
   from skrd4ad_jax import methods, teachers
+  from skrd4ad_jax.teachers import recipe
   from skrd4ad_jax.training import schedule
 
   config = recipe.resolve(FLAGS.config)

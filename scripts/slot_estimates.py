@@ -50,8 +50,8 @@ def main(argv):
   import jax
   import numpy as np
 
-  from skrd4ad_jax import config as config_lib
   from skrd4ad_jax import methods, teachers
+  from skrd4ad_jax.teachers import recipe
   from skrd4ad_jax.training import memory, schedule
 
   loads = schedule.mvtec_loads()
@@ -59,7 +59,7 @@ def main(argv):
   out["mem_fraction"] = FLAGS.mem_fraction
   out["estimates"] = []
   for dtype in FLAGS.dtypes:
-    config = config_lib.resolve(FLAGS.config)
+    config = recipe.resolve(FLAGS.config)
     config.model.dtype = dtype
     config.parallel.category_loop = FLAGS.category_loop
     method = methods.build_method(config)

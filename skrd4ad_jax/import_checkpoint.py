@@ -63,10 +63,9 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from skrd4ad_jax.teachers import recipe
 from skrd4ad_jax import methods, teachers, torch_io
 from skrd4ad_jax.config import defaults
-from skrd4ad_jax.teachers import porting
+from skrd4ad_jax.teachers import porting, recipe
 
 METHODS = ("rd4ad", "sk_rd4ad", "mrkd", "rd_expert")
 

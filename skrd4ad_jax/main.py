@@ -195,7 +195,9 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join("runs", config.name)
   with contextlib.ExitStack() as stack:
     try:
-      validation.validate(config)  # Seconds, before TensorFlow and any data are read.
+      from skrd4ad_jax.training import preflight
+
+      preflight.validate(config)  # Seconds, before TensorFlow and any data are read.
       if not distributed_requested():
         # One process: a second run on this workdir stops here, before any import.
         stack.enter_context(workdir_lock.hold(workdir))

@@ -25,8 +25,8 @@ from small_models import small_config
 from skrd4ad_jax import import_checkpoint as ic
 from skrd4ad_jax import methods, predict, teachers
 from skrd4ad_jax.config import load_config
-from skrd4ad_jax.teachers.recipe import student_layout
 from skrd4ad_jax.teachers import porting
+from skrd4ad_jax.teachers.recipe import student_layout
 from skrd4ad_jax.training import checkpoints
 
 torch = ot.torch

@@ -14,16 +14,16 @@ import pytest
 
 from skrd4ad_jax.config import load_config
 from skrd4ad_jax.config.validation import ConfigError
-from skrd4ad_jax.training import memory, schedule
+from skrd4ad_jax.training import memory, preflight, schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 
 
 def tiny_config():
-  from skrd4ad_jax import config as config_lib
+  from skrd4ad_jax.teachers import recipe
 
-  return config_lib.resolve(load_config(os.path.join(REPO, "configs", "tiny.py")))
+  return recipe.resolve(load_config(os.path.join(REPO, "configs", "tiny.py")))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,9 @@ def test_eval_batch_is_capped_with_a_log_line(tiny_estimate, caplog):
   config = tiny_config()
   config.eval.batch_size = 8
   mem = dataclasses.replace(mem, limit_bytes=int(mem.eval_bytes(2, 3.5) / mem.margin))
-  with caplog.at_level("INFO"):
+  with caplog.at_level(
+    "INFO", logger="absl"
+  ):  # (an export in the same session sets absl to WARNING)
     assert memory.cap_eval_batch(config, mem, 2) == 3
   assert config.eval.batch_size == 3
   assert "config.eval.batch_size 8 lowered to 3" in caplog.text
@@ -184,7 +186,9 @@ def test_trainer_plan_line_names_the_estimate_and_the_limit(
   config = load_config(os.path.join(REPO, "configs", "tiny.py") + ":brick,grass")
   config.data.root = tiny_tree
   config.parallel.device_memory_gb = limit_for(mem, 1)
-  with caplog.at_level("INFO"):
+  with caplog.at_level(
+    "INFO", logger="absl"
+  ):  # (an export in the same session sets absl to WARNING)
     t = trainer.Trainer(config, str(tmp_path / "run"))
   t.prefetcher.close()
   assert t.slots_per_device == 1 and t.memory is not None
@@ -199,7 +203,7 @@ FAKE_MAIN = textwrap.dedent(
   from skrd4ad_jax.training import trainer
 
   class FakeTrainer:
-    def __init__(self, config, workdir, eval_only=False):
+    def __init__(self, config, workdir, eval_only=False, source=None):
       self.config = config
       self.slots_per_device = 3
 
@@ -284,9 +288,8 @@ def test_training_failed_is_one_line(tmp_path):
 
 
 def test_device_memory_gb_is_checked():
-  from skrd4ad_jax.config import validation
 
   config = load_config(os.path.join(REPO, "configs", "tiny.py"))
   config.parallel.device_memory_gb = -1.0
-  (problem,) = [p for p in validation.problems(config) if "device_memory_gb" in p]
+  (problem,) = [p for p in preflight.problems(config) if "device_memory_gb" in p]
   assert "must be in [0, inf]" in problem and "0 = what the device reports" in problem

@@ -227,7 +227,7 @@ def _step_worker(spec):
   teacher_vars = teachers.load_teacher_variables(
     config.model.teacher, "random", image_size=int(config.data.image_size), seed=0
   )
-  k, steps, b, s = (
+  k, num_steps, b, s = (
     len(CATEGORIES),
     spec["steps"],
     int(config.train.batch_size),
@@ -236,16 +236,16 @@ def _step_worker(spec):
   init = jax.jit(method.init)
   # Different initial states and data per category, so a mixed-up slot shows.
   states = [jax.device_get(init(jax.random.PRNGKey(i), teacher_vars)) for i in range(k)]
-  images = np.random.default_rng(0).normal(size=(steps, k, b, s, s, 3)).astype(np.float32)
-  active = np.ones((steps, k), bool)
+  images = np.random.default_rng(0).normal(size=(num_steps, k, b, s, s, 3)).astype(np.float32)
+  active = np.ones((num_steps, k), bool)
   active[-1, 1] = False  # category 1 sits out the last step: its state must not move
   keys = [np.asarray(jax.random.PRNGKey(100 + c)) for c in range(k)]  # each job its own
 
   single = steps.jitted_train_step(method)
-  reference, ref_after_1, ref_losses = [], [], np.zeros((steps, k))
+  reference, ref_after_1, ref_losses = [], [], np.zeros((num_steps, k))
   for c in range(k):
     state = states[c]
-    for t in range(steps):
+    for t in range(num_steps):
       state, metrics = single(state, teacher_vars, {"image": images[t, c]}, keys[c], active[t, c])
       ref_losses[t, c] = float(metrics["loss"])
       if t == 0:
@@ -267,8 +267,8 @@ def _step_worker(spec):
     stacked = parallel.put_stacked(parallel.stack(padded), mesh)
     step = parallel.make_parallel_train_step(method, mesh, loop)
     tv = parallel.put_replicated(teacher_vars, mesh)
-    losses = np.zeros((steps, k))
-    for t in range(steps):
+    losses = np.zeros((num_steps, k))
+    for t in range(num_steps):
       batch = np.zeros((slots, b, s, s, 3), np.float32)
       batch[:k] = images[t]
       act = np.zeros(slots, bool)
@@ -277,7 +277,7 @@ def _step_worker(spec):
       losses[t] = np.asarray(metrics["loss"])[:k]
       if t == 0:
         after_1 = jax.device_get(stacked)
-      if t == steps - 2:
+      if t == num_steps - 2:
         before_last = jax.device_get(stacked)
     host = jax.device_get(stacked)
     finals[name] = host

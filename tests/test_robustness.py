@@ -22,10 +22,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from skrd4ad_jax import config as config_lib
 from skrd4ad_jax.config import load_config, validation
 from skrd4ad_jax.data import folder
-from skrd4ad_jax.training import checkpoints, workdir_lock
+from skrd4ad_jax.teachers import recipe
+from skrd4ad_jax.training import checkpoints, preflight, workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -43,7 +43,7 @@ def tiny_config(**changes):
 
 def problems_of(cfg):
   with pytest.raises(validation.ConfigError) as info:
-    validation.validate(cfg)
+    preflight.validate(cfg)
   assert str(info.value) == "\n".join(info.value.problems)
   return info.value.problems
 
@@ -92,8 +92,8 @@ def tree_digest(path):
 def test_shipped_configs_are_valid(name):
   cfg = load_config(os.path.join(REPO, "configs", f"{name}.py"))
   cfg.data.root = cfg.data.root or "/data/root"
-  assert validation.problems(cfg) == []
-  assert validation.problems(config_lib.resolve(cfg)) == []
+  assert preflight.problems(cfg) == []
+  assert preflight.problems(recipe.resolve(cfg)) == []
 
 
 @pytest.mark.parametrize(
@@ -194,21 +194,21 @@ def test_wrong_types_are_reported_once():
 
 
 def test_zero_epochs_are_fine_with_a_step_budget():
-  assert validation.problems(tiny_config(**{"train.epochs": 0, "train.num_steps": 5})) == []
+  assert preflight.problems(tiny_config(**{"train.epochs": 0, "train.num_steps": 5})) == []
   # RD with Expert counts its own iterations (config.rd_expert.num_steps).
-  assert validation.problems(tiny_config(**{"train.epochs": 0, "model.name": "rd_expert"})) == []
+  assert preflight.problems(tiny_config(**{"train.epochs": 0, "model.name": "rd_expert"})) == []
 
 
 def test_new_fields_are_checked_when_present_and_tolerated_when_absent():
   cfg = tiny_config()
-  assert "seeds" not in cfg.train or validation.problems(cfg) == []
+  assert "seeds" not in cfg.train or preflight.problems(cfg) == []
   with cfg.unlocked():
     cfg.train.seeds = 0
     cfg.eval.protocol = "paper"
     cfg.parallel.slots_per_device = -1
     cfg.data.host_workers = -2
-  found = validation._Checks(cfg, skip=set())
-  for section in validation._SECTIONS:
+  found = validation.Checks(cfg, skip=set())
+  for section in preflight.SECTIONS:
     section(found)
   text = "\n".join(found.problems)
   assert "config.train.seeds=0 must be >= 1" in text
@@ -234,7 +234,7 @@ def test_image_size_rule_is_what_the_network_takes():
       works = True
     except TypeError:
       works = False
-    assert works == (validation.problems(cfg) == []), size
+    assert works == (preflight.problems(cfg) == []), size
 
 
 def test_unknown_category_after_the_colon_is_a_config_error():
@@ -604,7 +604,7 @@ def test_a_folder_that_is_not_a_category_is_reported(tmp_path, caplog):
   write_png(str(tmp_path / "bottle" / "train" / "good" / "000.png"))
   write_png(str(tmp_path / "cable" / "training" / "good" / "000.png"))  # misnamed
   (tmp_path / ".cache").mkdir()
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("WARNING", logger="absl"):
     assert folder.discover_categories(str(tmp_path)) == ["bottle"]
   (record,) = [r for r in caplog.records if "not a category" in r.getMessage()]
   message = record.getMessage()
@@ -655,9 +655,7 @@ def untrained_run(tmp_path_factory):
 
   workdir = str(tmp_path_factory.mktemp("untrained"))
   # A slim student (one block per stage) keeps the checkpoint small.
-  cfg = config_lib.resolve(
-    tiny_config(**{"model.oce_blocks": 1, "model.decoder_blocks": (1, 1, 1)})
-  )
+  cfg = recipe.resolve(tiny_config(**{"model.oce_blocks": 1, "model.decoder_blocks": (1, 1, 1)}))
   method = methods.build_method(cfg)
   key = jax.random.PRNGKey(0)
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)

@@ -29,8 +29,8 @@ from small_models import small_config
 from skrd4ad_jax import import_checkpoint as ic
 from skrd4ad_jax import methods, teachers
 from skrd4ad_jax.models import layers
-from skrd4ad_jax.teachers.recipe import student_layout
 from skrd4ad_jax.teachers import porting
+from skrd4ad_jax.teachers.recipe import student_layout
 
 torch = ot.torch
 pytestmark = pytest.mark.skipif(torch is None, reason=ot.TORCH_REASON)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from skrd4ad_jax import losses
 from skrd4ad_jax.methods.base import Method
-from skrd4ad_jax.teachers.recipe import student_layout
 from skrd4ad_jax.methods.state import TrainState, adam, apply_gradients, loss_metrics
+from skrd4ad_jax.teachers.recipe import student_layout
 
 
 class DistillationMethod(Method):

@@ -50,6 +50,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from skrd4ad_jax import config as config_lib
 from skrd4ad_jax.training import faults
 
 # Periodic checkpoints kept per category (the final one is always the latest).
@@ -386,22 +387,6 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def _flat_config(config: Any) -> dict[str, Any]:
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(value, f"{prefix}{key}.")
-      else:
-        out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-
-  walk(config or {}, "")
-  return out
-
-
 def _override(key: str, value: Any) -> str:
   if isinstance(value, (tuple, list)):
     return f"--config.{key}='{tuple(value)!r}'"
@@ -425,6 +410,12 @@ def model_differences(stored_config: Any, config: Any) -> list[tuple[str, Any, A
     and key in current
     and stored[key] != current[key]
   ]
+
+
+def _flat_config(config: Any) -> dict[str, Any]:
+  """``config_lib.flatten`` with lists as tuples (JSON gives lists back)."""
+  flat = config_lib.flatten(config or {})
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def _mismatch_error(

@@ -179,7 +179,7 @@ def estimate(
   Returns:
     The fitted ``SlotMemory``. Programs without a memory analysis count 0.
   """
-  from skrd4ad_jax.training import parallel, train
+  from skrd4ad_jax.training import parallel, steps
 
   data = max(1, int(config.parallel.data_axis_size))
   devices = list(devices or jax.local_devices()[:data])
@@ -201,7 +201,7 @@ def estimate(
 
   size = int(config.data.image_size)
   eval_sizes = (1, max(2, int(config.eval.batch_size)))
-  eval_fn = train.jitted_eval_step(method)
+  eval_fn = steps.jitted_eval_step(method)
   with jax.default_device(devices[0]):
     lowered = [step.lower(*train_args(k)) for k in (1, 2)] + [
       eval_fn.lower(state, teacher, jax.ShapeDtypeStruct((b, size, size, 3), np.float32), key)

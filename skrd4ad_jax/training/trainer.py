@@ -46,8 +46,9 @@ from skrd4ad_jax import config as config_lib
 from skrd4ad_jax import errors, methods, teachers
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.evaluation import results as results_lib
+from skrd4ad_jax.teachers import recipe
 from skrd4ad_jax.training import batches as batches_lib
-from skrd4ad_jax.training import checkpoints, faults, memory, parallel, schedule, train
+from skrd4ad_jax.training import checkpoints, faults, memory, parallel, preflight, schedule, steps
 
 RESULT_METRICS = results_lib.METRIC_COLUMNS
 # Metrics whose best value over the periodic evaluations is reported, apart and
@@ -145,17 +146,6 @@ def write_test_predictions(pred: evaluate.Predictions, thr: dict[str, Any], path
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out
 
 
 class LoggingWriter:
@@ -271,12 +261,11 @@ class Trainer:
 
     source = source or PillowSource()  # the data_pipelines.select_source of the entry point
 
-    # What the run uses and stores: settings left to the teacher are filled in.
-    config = config_lib.resolve(config)
+    # What the run uses and stores: validated, settings left to the teacher filled in.
+    config = preflight.prepare(config)
     self.config = config
     self.eval_only = eval_only
     self.workdir = ensure_workdir(workdir)
-    self._check_config()
     self.method = methods.build_method(config)
     self.categories = list(source.categories(config.data))
     # Scanning is cheap; every process scans every category to plan the same slots.
@@ -342,7 +331,7 @@ class Trainer:
       ", ".join(self.local_categories) or "none",
     )
     self._load_data()
-    self.eval_step = train.jitted_eval_step(self.method)
+    self.eval_step = steps.jitted_eval_step(self.method)
     self.host = HostWork(background=jax.process_count() == 1)
     self.prefetcher = batches_lib.Prefetcher(self._host_workers())
     self._managers: dict[tuple[str, int], Any] = {}
@@ -352,12 +341,6 @@ class Trainer:
     self.stats = {"loop_seconds": 0.0, "host_seconds": 0.0, "steps": 0, "images": 0}
 
   # -- set-up ---------------------------------------------------------------
-
-  def _check_config(self) -> None:
-    """The whole config, up front: one ``ConfigError`` listing every problem."""
-    from skrd4ad_jax.config import validation
-
-    validation.validate(self.config)
 
   def _host_workers(self) -> int:
     workers = int(self.config.data.get("host_workers", 0))
@@ -460,7 +443,7 @@ class Trainer:
   def writer(self, job: Job):
     if job.writer is None:
       job.writer = make_writer(self.workdir, job.name)
-      job.writer.write_hparams({**_flatten(config_to_json(self.config)), "job": job.name})
+      job.writer.write_hparams({**config_lib.flatten(config_to_json(self.config)), "job": job.name})
     return job.writer
 
   # -- job inputs -----------------------------------------------------------
@@ -883,7 +866,7 @@ class Trainer:
     )
     self.writer(job).write_scalars(job.step, scalars)
     try:
-      train.check_finite(
+      steps.check_finite(
         {k: v for k, v in scalars.items() if k.startswith("train/loss")},
         job.last_logged + 1,
         job.step,
@@ -907,7 +890,7 @@ class Trainer:
   def notes(self) -> list[str]:
     cfg = self.config
     map_kwargs = self.method.map_kwargs
-    recipe = config_lib.teacher_recipe_notes(cfg)
+    differ = recipe.recipe_notes(cfg)
     notes = [
       f"method: {self.method.name}; teacher: {cfg.model.teacher} "
       f"(weights: {cfg.model.teacher_weights or 'default'}); image size "
@@ -915,8 +898,8 @@ class Trainer:
       f"Loss: {cfg.loss.kind}; anomaly map: {map_kwargs['mode']} of levels "
       f"{map_kwargs['levels']}, Gaussian sigma {map_kwargs['sigma']:g}.",
     ]
-    if recipe:
-      notes.append("Recipe settings that differ from the official code: " + "; ".join(recipe) + ".")
+    if differ:
+      notes.append("Recipe settings that differ from the official code: " + "; ".join(differ) + ".")
     notes += [
       "Headline metrics are those of the last training step on the test set; no checkpoint "
       "or epoch was selected on the test set.",

@@ -61,8 +61,8 @@ from skrd4ad_jax.config import defaults
 from skrd4ad_jax.methods.base import Method
 from skrd4ad_jax.methods.rd_expert import draem
 from skrd4ad_jax.methods.rd_expert.student import ExpertStudent, trainable_teacher, xavier_reinit
-from skrd4ad_jax.teachers.recipe import student_layout
 from skrd4ad_jax.methods.state import TrainState, adam
+from skrd4ad_jax.teachers.recipe import student_layout
 
 # The one table of defaults is config/defaults.py.
 DEFAULTS = defaults.get_config().rd_expert
