@@ -65,6 +65,7 @@ setup(
     "test": [
       "pytest>=8",
       "ruff>=0.17.6,<0.18",
+      "import-linter>=2.17,<3",
       "torch>=2.13.0,<2.14",
       "torchvision>=0.28.0,<0.29",
       "scikit-learn>=1.5",

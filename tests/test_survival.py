@@ -1,7 +1,7 @@
 """Long runs survive: damaged checkpoints, kills at named points, failing disks, signals.
 
 Everything runs ``python -m skrd4ad_jax.main`` on ``configs/tiny.py`` as a user
-would. Faults come from ``SKRD4AD_FAULT`` (``skrd4ad_jax/training/faults.py``):
+would. Faults come from ``SKRD4AD_FAULT`` (``skrd4ad_jax/faults.py``):
 ``point:count:action`` acts the count-th time the run reaches that point.
 """
 
@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-from skrd4ad_jax.training import checkpoints, faults
+from skrd4ad_jax import faults
+from skrd4ad_jax.training import checkpoints
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = (

@@ -25,9 +25,9 @@ import warnings
 
 import numpy as np
 
+from skrd4ad_jax import faults
 from skrd4ad_jax.evaluation import thresholds as thresholds_lib
 from skrd4ad_jax.evaluation import visualize
-from skrd4ad_jax.training import faults
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_score_raw", "pred_label")
 MASK_DIR = "masks"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from skrd4ad_jax.training import faults
+from skrd4ad_jax import faults
 
 PUBLISHED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published_results.csv")
 

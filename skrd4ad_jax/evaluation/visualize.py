@@ -29,8 +29,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from skrd4ad_jax import normalization
-from skrd4ad_jax.training import faults
+from skrd4ad_jax import faults, normalization
 
 GT_COLOR = (0, 255, 0)
 PRED_COLOR = (255, 0, 0)

@@ -51,7 +51,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from skrd4ad_jax import config as config_lib
-from skrd4ad_jax.training import faults
+from skrd4ad_jax import faults
 
 # Periodic checkpoints kept per category (the final one is always the latest).
 KEEP_LATEST = 2

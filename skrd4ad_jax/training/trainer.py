@@ -43,12 +43,12 @@ import ml_collections
 import numpy as np
 
 from skrd4ad_jax import config as config_lib
-from skrd4ad_jax import errors, methods, teachers
+from skrd4ad_jax import errors, faults, methods, teachers
 from skrd4ad_jax.evaluation import evaluate
 from skrd4ad_jax.evaluation import results as results_lib
 from skrd4ad_jax.teachers import recipe
 from skrd4ad_jax.training import batches as batches_lib
-from skrd4ad_jax.training import checkpoints, faults, memory, parallel, preflight, schedule, steps
+from skrd4ad_jax.training import checkpoints, memory, parallel, preflight, schedule, steps
 
 RESULT_METRICS = results_lib.METRIC_COLUMNS
 # Metrics whose best value over the periodic evaluations is reported, apart and
