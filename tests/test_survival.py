@@ -308,11 +308,20 @@ def test_sigterm_during_evaluation_or_save_keeps_its_promise(data_root, tmp_path
   code, out = main(workdir, data_root, "--config.train.eval_every_epochs=1", fault=fault)
   assert code == 128 + signal.SIGTERM, out[-3000:]
   assert "Stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
-  assert steps_of(workdir) == [2]
+  steps = steps_of(workdir)
+  if fault.startswith("host_eval"):
+    assert steps == [2]
+  else:
+    # The write is asynchronous: the loop goes on stepping until the signal arrives
+    # from inside it, then stops at its next iteration (or after the job's end,
+    # when the tiny job's last steps were faster than the write).
+    assert steps in ([2], [2, 3], [2, 4]), steps
   state_digest(workdir, "brick")
   code, out = main(workdir, data_root, "--config.train.eval_every_epochs=1")
   assert code == 0, out[-3000:]
-  assert "[brick] checkpoint at step 2 of 4" in out
+  if steps[-1] < 4:
+    assert f"[brick] checkpoint at step {steps[-1]} of 4" in out
+  assert steps_of(workdir)[-1] == 4
 
 
 # ---------------------------------------------------------------------------
