@@ -41,6 +41,8 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   for path in _session_cache:
     shutil.rmtree(path, ignore_errors=True)
+
+
 TINY_CATEGORIES = ("brick", "grass")
 
 

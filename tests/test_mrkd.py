@@ -146,7 +146,7 @@ def test_vmapped_two_category_training_lowers_the_loss(method, teacher_vars, sta
   losses = np.stack(losses)  # [steps, 2]
   assert np.isfinite(losses).all()
   assert (losses[-3:].mean(0) < 0.5 * losses[:3].mean(0)).all(), losses
-  np.testing.assert_array_equal(np.asarray(stacked.step), [steps, steps])
+  np.testing.assert_array_equal(np.asarray(stacked.step), [num_steps, num_steps])
 
 
 def test_default_num_steps_and_describe(method):

@@ -180,7 +180,7 @@ def test_vmapped_two_category_training(method, teacher_vars, state):
   assert np.isfinite(loss).all()
   assert (loss[-3:].mean(0) < 0.8 * loss[:3].mean(0)).all(), loss
   assert (student[-3:].mean(0) < 0.6 * student[:3].mean(0)).all(), student
-  np.testing.assert_array_equal(np.asarray(stacked.step), [steps, steps])
+  np.testing.assert_array_equal(np.asarray(stacked.step), [num_steps, num_steps])
 
   # Inference uses the trained teacher, which has moved away from the expert.
   trained = parallel.unstack(stacked, 0)

@@ -27,6 +27,8 @@ import dataclasses
 import math
 
 from skrd4ad_jax.categories import MVTEC_TRAIN_COUNTS
+from skrd4ad_jax.config import validation
+from skrd4ad_jax.config.validation import ConfigError
 
 # The number of slots ``auto`` may give one accelerator.
 MAX_AUTO_SLOTS_PER_DEVICE = 8
@@ -45,17 +47,6 @@ class Schedule:
   checkpoint_every: int  # steps; 0 = only the final checkpoint
 
 
-def parse_category_values(spec: str, name: str) -> dict[str, int]:
-  """``'carpet:10,leather:10'`` -> {'carpet': 10, 'leather': 10}."""
-  out = {}
-  for item in filter(None, (s.strip() for s in (spec or "").split(","))):
-    cat, sep, value = item.partition(":")
-    if not sep or not value.strip().isdigit():
-      raise ValueError(f"Cannot parse {name}={spec!r}: expected 'category:N,category:N'.")
-    out[cat.strip()] = int(value)
-  return out
-
-
 def make_schedule(train_cfg, category: str, num_train: int, default_num_steps: int = 0) -> Schedule:
   """Epochs (or a fixed step count) over the category's own training set.
 
@@ -67,9 +58,12 @@ def make_schedule(train_cfg, category: str, num_train: int, default_num_steps: i
       iterations, not epochs); used when ``config.train.num_steps`` is 0.
   """
   steps_per_epoch = max(1, math.ceil(num_train / int(train_cfg.batch_size)))
-  epochs = parse_category_values(train_cfg.category_epochs, "config.train.category_epochs").get(
-    category, int(train_cfg.epochs)
+  per_category, problems = validation.parse_category_values(
+    train_cfg.category_epochs, "train.category_epochs"
   )
+  if problems:  # (the entry points' preflight reports this before any work)
+    raise ConfigError(problems)
+  epochs = per_category.get(category, int(train_cfg.epochs))
   total = epochs * steps_per_epoch
   num_steps = int(train_cfg.get("num_steps", 0)) or int(default_num_steps)
   if num_steps > 0:
