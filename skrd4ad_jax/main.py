@@ -189,15 +189,15 @@ def workdir_held(workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  config = FLAGS.config
   from skrd4ad_jax.training import workdir_lock
 
-  workdir = FLAGS.workdir or os.path.join("runs", config.name)
+  workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
   with contextlib.ExitStack() as stack:
     try:
       from skrd4ad_jax.training import preflight
 
-      preflight.validate(config)  # Seconds, before TensorFlow and any data are read.
+      # Validated and resolved once, in seconds, before TensorFlow and any data are read.
+      config = preflight.prepare(FLAGS.config)
       if not distributed_requested():
         # One process: a second run on this workdir stops here, before any import.
         stack.enter_context(workdir_lock.hold(workdir))
@@ -207,7 +207,12 @@ def main(argv):
 
 
 def train(config, workdir: str) -> None:
-  """Trains under the workdir lock; a user's mistake ends in one line per problem."""
+  """Trains under the workdir lock; a user's mistake ends in one line per problem.
+
+  Args:
+    config: the prepared config (``preflight.prepare``).
+    workdir: the run's directory.
+  """
   # TensorFlow (when installed) is only the input pipeline: select_source keeps it off the
   # accelerators JAX uses; without it the data are decoded with Pillow, to the same arrays.
   import data_pipelines
@@ -219,7 +224,7 @@ def train(config, workdir: str) -> None:
   from skrd4ad_jax import errors
   from skrd4ad_jax.data.folder import DatasetError
   from skrd4ad_jax.teachers.porting import WeightsError
-  from skrd4ad_jax.training import checkpoints, memory, trainer, workdir_lock
+  from skrd4ad_jax.training import checkpoints, host, memory, train, workdir_lock
 
   # The user's to fix: one line each. Anything else is a bug and keeps its traceback.
   user_errors = (
@@ -239,12 +244,12 @@ def train(config, workdir: str) -> None:
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
   logging.info("workdir: %s", os.path.abspath(workdir))
-  run = None
   try:
     with workdir_held(workdir):  # (already held by the one process; a no-op then)
-      run = trainer.Trainer(config, workdir, eval_only=FLAGS.eval_only, source=source)
-      run.run()
-  except trainer.Preempted as e:
+      train.train_and_evaluate(
+        config, workdir, eval_only=FLAGS.eval_only, source=source, prepared=True
+      )
+  except host.Preempted as e:
     # Checkpoints are written; the exit status says which signal stopped the run.
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(128 + e.signum)
@@ -253,12 +258,14 @@ def train(config, workdir: str) -> None:
     fail(getattr(e, "problems", None) or [str(e)])
   except Exception as e:
     log_path = write_error_log(workdir, e, jax.process_index(), jax.process_count())
-    if not memory.is_out_of_memory(e):
+    # During the run the error names the slot plan; before it, no slots were chosen.
+    planned = e if isinstance(e, memory.OutOfMemory) else None
+    if planned is None and not memory.is_out_of_memory(e):
       raise  # a bug: absl prints the traceback
     if FLAGS.verbosity >= 1:
       traceback.print_exception(e)
-    slots = getattr(run, "slots_per_device", None)
-    fail([memory.out_of_memory_advice(getattr(run, "config", config), slots, log_path)])
+    slots = planned.slots_per_device if planned else None
+    fail([memory.out_of_memory_advice(planned.config if planned else config, slots, log_path)])
 
 
 def write_error_log(workdir: str, error: BaseException, process: int, processes: int) -> str | None:

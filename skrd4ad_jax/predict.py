@@ -10,8 +10,8 @@ be left out when the run trained a single category.
 
 The latest checkpoint of the category carries everything needed: the config
 (the method is rebuilt from it), the thresholds and the score normalisation
-(its JSON item, written by ``trainer.py``). Images are decoded exactly as the
-evaluation decodes them, by the data source the command line picks
+(its JSON item, written by the training loop: ``training/slot_states.py``).
+Images are decoded exactly as the evaluation decodes them, by the data source the command line picks
 (``data_pipelines.select_source``: tf.data, or Pillow without TensorFlow; the
 same arrays either way), streamed in batches of ``--batch_size`` (default: the
 run's ``config.eval.batch_size``, which also reproduces the evaluation's raw

@@ -2,13 +2,13 @@
 
 ``tiny_run`` writes a small MVTec-layout demo tree (64 px, 8 training images
 per category) and trains ``configs/tiny.py`` on two of its categories with
-``trainer.train_and_evaluate``: about a minute on 2 CPU cores, paid only by the
+``train.train_and_evaluate``: about a minute on 2 CPU cores, paid only by the
 sessions that use it. Tests must treat the run as read-only (write into their
 own ``tmp_path``).
 
 To iterate on tests without retraining, set ``SKRD4AD_TINY_RUN_DIR=DIR``: the
 run is made there once and reused while ``DIR/run/results.csv`` exists (delete
-``DIR`` after changing the trainer).
+``DIR`` after changing the training loop).
 """
 
 import os
@@ -61,7 +61,7 @@ def tiny_run(tmp_path_factory):
   """
   from skrd4ad_jax.config import load_config
   from skrd4ad_jax.data import demo_data
-  from skrd4ad_jax.training import trainer
+  from skrd4ad_jax.training import train
 
   cached = os.environ.get("SKRD4AD_TINY_RUN_DIR")
   base = cached or str(tmp_path_factory.mktemp("tiny_run"))
@@ -77,5 +77,5 @@ def tiny_run(tmp_path_factory):
   config.data.root = data_root
   workdir = os.path.join(base, "run")
   if not (cached and os.path.exists(os.path.join(workdir, "results.csv"))):
-    trainer.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
   return config, workdir, data_root

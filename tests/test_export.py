@@ -27,7 +27,7 @@ from skrd4ad_jax.data import folder
 from skrd4ad_jax.export import exporter, onnx_converter, spec
 from skrd4ad_jax.export import run as runner
 from skrd4ad_jax.training import checkpoints
-from skrd4ad_jax.training.trainer import config_to_json
+from skrd4ad_jax.training.jobs import config_to_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = "brick"

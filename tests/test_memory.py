@@ -154,7 +154,7 @@ def tiny_tree(tmp_path_factory):
 def test_trainer_stops_before_training_when_explicit_slots_cannot_fit(
   tiny_estimate, tiny_tree, tmp_path
 ):
-  from skrd4ad_jax.training import trainer
+  from skrd4ad_jax.training import train
 
   _, mem = tiny_estimate
   config = load_config(os.path.join(REPO, "configs", "tiny.py") + ":brick,grass")
@@ -162,7 +162,7 @@ def test_trainer_stops_before_training_when_explicit_slots_cannot_fit(
   config.parallel.slots_per_device = 3
   config.parallel.device_memory_gb = limit_for(mem, 1)
   with pytest.raises(ConfigError) as e:
-    trainer.Trainer(config, str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp_path / "run"))
   (line,) = e.value.problems
   assert "slots_per_device=3 does not fit" in line and "at most 1 fit" in line
   assert f"{mem.per_slot_bytes / GIB:.2f} GiB per slot" in line
@@ -174,7 +174,7 @@ def test_trainer_stops_before_training_when_explicit_slots_cannot_fit(
 def test_trainer_plan_line_names_the_estimate_and_the_limit(
   tiny_estimate, tiny_tree, tmp_path, monkeypatch, caplog
 ):
-  from skrd4ad_jax.training import trainer
+  from skrd4ad_jax.training import slots, train
 
   _, mem = tiny_estimate
   # The real estimate is compiled in the test above; reuse it here.
@@ -183,34 +183,46 @@ def test_trainer_plan_line_names_the_estimate_and_the_limit(
     "estimate",
     lambda *a, **k: dataclasses.replace(mem, limit_bytes=a[4], limit_source=a[5]),
   )
+  plans = []
+  make_plan = slots.make_plan
+
+  def plan_only(*args, **kwargs):
+    plans.append(make_plan(*args, **kwargs))
+    raise PlanMade  # nothing is trained
+
+  monkeypatch.setattr(slots, "make_plan", plan_only)
   config = load_config(os.path.join(REPO, "configs", "tiny.py") + ":brick,grass")
   config.data.root = tiny_tree
   config.parallel.device_memory_gb = limit_for(mem, 1)
   with caplog.at_level(
     "INFO", logger="absl"
   ):  # (an export in the same session sets absl to WARNING)
-    t = trainer.Trainer(config, str(tmp_path / "run"))
-  t.prefetcher.close()
-  assert t.slots_per_device == 1 and t.memory is not None
+    with pytest.raises(PlanMade):
+      train.train_and_evaluate(config, str(tmp_path / "run"))
+  (plan,) = plans
+  assert plan.slots_per_device == 1 and plan.memory is not None
   plan = next(r.getMessage() for r in caplog.records if "useful work" in r.getMessage())
   assert f"~{mem.per_slot_bytes / GIB:.2f} GiB per slot" in plan
   assert "config.parallel.device_memory_gb" in plan and "at most 1 slot(s) per device" in plan
 
 
+class PlanMade(Exception):
+  """Stops a run once its slot plan is made."""
+
+
 FAKE_MAIN = textwrap.dedent(
   """
   import runpy, sys
-  from skrd4ad_jax.training import trainer
+  from skrd4ad_jax.training import memory, train
 
-  class FakeTrainer:
-    def __init__(self, config, workdir, eval_only=False, source=None):
-      self.config = config
-      self.slots_per_device = 3
+  def fake_train_and_evaluate(config, workdir, eval_only=False, source=None, prepared=False):
+    error = {error}
+    if memory.is_out_of_memory(error):
+      # What train_and_evaluate raises on a device out-of-memory once 3 slots are planned.
+      raise memory.OutOfMemory(config, 3) from error
+    raise error
 
-    def run(self):
-      raise {error}
-
-  trainer.Trainer = FakeTrainer
+  train.train_and_evaluate = fake_train_and_evaluate
   sys.argv = ["main"] + sys.argv[1:]
   runpy.run_module("skrd4ad_jax.main", run_name="__main__")
   """
@@ -263,7 +275,8 @@ def test_out_of_memory_names_the_setting_and_keeps_the_traceback_in_the_workdir(
   ):
     assert part in line, part
   log = (workdir / "error.log").read_text()
-  assert "Traceback" in log and "RESOURCE_EXHAUSTED" in log and "FakeTrainer" not in line
+  assert "Traceback" in log and "RESOURCE_EXHAUSTED" in log
+  assert "fake_train_and_evaluate" not in line
 
 
 def test_out_of_memory_with_verbosity_prints_the_traceback(tmp_path):

@@ -184,7 +184,7 @@ def test_installed_wheel_trains_the_tiny_config_outside_the_tree(wheel, tmp_path
   assert proc.returncode == 0, out[-4000:]
   with open(record) as f:
     loaded = json.load(f)
-  assert "skrd4ad_jax.training.trainer" in loaded["modules"]
+  assert "skrd4ad_jax.training.train" in loaded["modules"]
   outside = {n: p for n, p in loaded["modules"].items() if p and not p.startswith(str(site))}
   assert not outside, f"modules imported from outside the installed copy: {outside}"
   assert "mvtec_ad" in loaded["published"]

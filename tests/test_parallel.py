@@ -166,7 +166,7 @@ def _train_worker(spec):
 
   import jax
 
-  from skrd4ad_jax.training import parallel, trainer
+  from skrd4ad_jax.training import parallel, slots, train
 
   out = {
     "device_count": jax.device_count(),
@@ -174,7 +174,7 @@ def _train_worker(spec):
     "runs": {},
   }
   make_mesh, make_step = parallel.make_mesh, parallel.make_parallel_train_step
-  make_trainer = trainer.Trainer
+  make_plan = slots.make_plan
   for name, categories, devices, slots_per_device in spec["runs"]:
     record = {}
     parallel.make_parallel_train_step = _counting_step_factory(record, make_step)
@@ -184,17 +184,17 @@ def _train_worker(spec):
       categories, spec["data_root"], **{"parallel.slots_per_device": slots_per_device}
     )
 
-    def recording_trainer(*args, record=record, **kwargs):
-      t = make_trainer(*args, **kwargs)
-      record["plan"] = [[(g.job, g.start, g.stop, g.begin) for g in q] for q in t.plan]
-      return t
+    def recording_plan(*args, record=record, **kwargs):
+      plan = make_plan(*args, **kwargs)
+      record["plan"] = [[(g.job, g.start, g.stop, g.begin) for g in q] for q in plan.segments]
+      return plan
 
-    trainer.Trainer = recording_trainer
+    slots.make_plan = recording_plan
     try:
-      trainer.train_and_evaluate(config, os.path.join(spec["base"], name))
+      train.train_and_evaluate(config, os.path.join(spec["base"], name))
     finally:
       parallel.make_mesh, parallel.make_parallel_train_step = make_mesh, make_step
-      trainer.Trainer = make_trainer
+      slots.make_plan = make_plan
     out["runs"][name] = record
   return out
 
@@ -323,7 +323,7 @@ def _step_worker(spec):
 
 def _resume_worker(spec):
   """One category: N epochs, then more epochs (resume), then the same again (re-evaluate)."""
-  from skrd4ad_jax.training import checkpoints, parallel, trainer
+  from skrd4ad_jax.training import checkpoints, parallel, train
 
   out = []
   make_step = parallel.make_parallel_train_step
@@ -335,7 +335,7 @@ def _resume_worker(spec):
       spec["data_root"],
       **{"train.epochs": epochs, "train.checkpoint_every_epochs": 1},
     )
-    trainer.train_and_evaluate(config, spec["workdir"])
+    train.train_and_evaluate(config, spec["workdir"])
     manager = checkpoints.make_manager(spec["workdir"], spec["category"], read_only=True)
     state, meta = checkpoints.restore(manager, abstract_state(config))
     out.append(
@@ -359,7 +359,7 @@ def _seeds_worker(spec):
 
   import jax
 
-  from skrd4ad_jax.training import parallel, trainer
+  from skrd4ad_jax.training import parallel, train
 
   make_mesh = parallel.make_mesh
   base_seed = tiny_config(SEED_CATEGORIES, spec["data_root"]).seed
@@ -373,7 +373,7 @@ def _seeds_worker(spec):
     try:
       config = tiny_config(SEED_CATEGORIES, spec["data_root"], **{"train.seeds": seeds, **extra})
       config.seed = seed
-      trainer.train_and_evaluate(config, os.path.join(spec["base"], name))
+      train.train_and_evaluate(config, os.path.join(spec["base"], name))
     finally:
       parallel.make_mesh = make_mesh
   return {}

@@ -9,6 +9,11 @@ A predictor is any ``ThresholdedPredictor`` with a ``category`` and a
 ``predict(paths, batch_size)`` that yields one ``ImageResult`` per path: it turns
 raw maps and scores into results with ``_result``, and ``write_predictions``
 does the rest.
+
+The OK/NG rule (``decision``) and the CSV writer (``PredictionsCsv``) are the
+only ones of the project: the training loop writes ``test_predictions.csv``
+with them too (``write_test_predictions``), with the same columns in the same
+order after two of its own (``defect_type``, ``gt_label``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from skrd4ad_jax.evaluation import thresholds as thresholds_lib
 from skrd4ad_jax.evaluation import visualize
 
 CSV_COLUMNS = ("image_path", "pred_score", "pred_score_raw", "pred_label")
+# test_predictions.csv: the labelled test set, the ground truth after the path.
+TEST_CSV_COLUMNS = ("image_path", "defect_type", "gt_label") + CSV_COLUMNS[1:]
 MASK_DIR = "masks"
 PROGRESS_SECONDS = 5.0  # At most one progress line per this many seconds.
 _THRESHOLD_KEYS = (
@@ -89,6 +96,74 @@ def stored_thresholds(meta: dict[str, Any]) -> dict[str, Any]:
     value = thr.get(key)
     thr[key] = float("nan") if value is None else float(value)
   return thr
+
+
+def decision(score: float, image_threshold: float) -> str:
+  """``'NG'`` when the raw score reaches the image threshold, else ``'OK'``; ``''`` without one.
+
+  The raw comparison is the decision; the normalised score (0.5 = the
+  threshold) only shows it.
+  """
+  if not math.isfinite(image_threshold):
+    return ""
+  return "NG" if score >= image_threshold else "OK"
+
+
+class PredictionsCsv:
+  """Writes prediction rows under a header: numbers in full precision, non-finite ones empty."""
+
+  def __init__(self, f, columns: Sequence[str] = CSV_COLUMNS):
+    """Args:
+    f: a text file opened with ``newline=""``.
+    columns: the header, in order (``CSV_COLUMNS`` or ``TEST_CSV_COLUMNS``).
+    """
+    self.columns = tuple(columns)
+    self._writer = csv.writer(f)
+    self._writer.writerow(self.columns)
+
+  def write(self, **row: Any) -> None:
+    """One row; ``row`` holds every column by name."""
+    self._writer.writerow([_csv_cell(row[c]) for c in self.columns])
+
+
+def _csv_cell(x: Any) -> Any:
+  if isinstance(x, (float, np.floating)):
+    return "" if not math.isfinite(x) else repr(float(x))
+  return x
+
+
+def write_test_predictions(
+  path: str,
+  paths: Sequence[str],
+  defect_types: Sequence[str],
+  gt_labels: Sequence[int],
+  scores_raw: Sequence[float],
+  scores: Sequence[float],
+  image_threshold: float,
+) -> None:
+  """``test_predictions.csv``: per test image its raw and normalised score and OK/NG.
+
+  Args:
+    path: the file to write.
+    paths: the test images.
+    defect_types: their folders (``good`` or the defect).
+    gt_labels: 0 normal, 1 anomalous.
+    scores_raw: the method's image scores.
+    scores: the normalised scores (0.5 = the image threshold).
+    image_threshold: the stored image threshold (NaN: no decision).
+  """
+  faults.point("test_predictions_csv", path=path)  # [ckpt]
+  with open(path, "w", newline="") as f:
+    out = PredictionsCsv(f, TEST_CSV_COLUMNS)
+    for i, image_path in enumerate(paths):
+      out.write(
+        image_path=image_path,
+        defect_type=defect_types[i],
+        gt_label=int(gt_labels[i]),
+        pred_score=float(scores[i]),
+        pred_score_raw=float(scores_raw[i]),
+        pred_label=decision(float(scores_raw[i]), image_threshold),
+      )
 
 
 class ThresholdedPredictor:
@@ -175,8 +250,7 @@ class ThresholdedPredictor:
           )
         )
       )
-      # The raw comparison is the decision; the normalised score only shows it.
-      result.pred_label = "NG" if score >= thr["image_threshold"] else "OK"
+      result.pred_label = decision(float(score), thr["image_threshold"])
     if self.has_pixel_threshold:
       result.anomaly_map_normalized = np.asarray(
         thresholds_lib.normalize_scores(
@@ -254,10 +328,6 @@ def output_names(paths: Sequence[str]) -> list[str]:
   return names
 
 
-def _csv_float(x: float) -> str:
-  return "" if not math.isfinite(x) else repr(float(x))
-
-
 def write_predictions(
   predictor: ThresholdedPredictor,
   paths: Sequence[str],
@@ -298,8 +368,7 @@ def write_predictions(
   t0 = last = time.time()
   faults.point("predictions_csv", path=csv_path)
   with open(csv_path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(CSV_COLUMNS)
+    writer = PredictionsCsv(f)
     # One result per path, in order: the names line up.
     results = zip(names, predictor.predict(paths, batch_size))
     for done, (name, result) in enumerate(results, start=1):
@@ -312,13 +381,11 @@ def write_predictions(
           visualize.save_picture(
             os.path.join(output, MASK_DIR, f"{name}.png"), predictor.mask_image(result)
           )
-        writer.writerow(
-          [
-            result.image_path,
-            _csv_float(result.pred_score),
-            _csv_float(result.pred_score_raw),
-            result.pred_label,
-          ]
+        writer.write(
+          image_path=result.image_path,
+          pred_score=result.pred_score,
+          pred_score_raw=result.pred_score_raw,
+          pred_label=result.pred_label,
         )
         summary["predicted"] += 1
         summary["ng"] += result.pred_label == "NG"

@@ -1,13 +1,20 @@
-"""What every RD-family method provides to the trainer, evaluator and predictor.
+"""What every RD-family method provides to the training loop, evaluator and predictor.
 
 A method is static configuration (hashable by identity) plus pure functions of a
-``TrainState``. The trainer only ever calls:
+``TrainState``. The training loop (``skrd4ad_jax/training/``) only ever calls:
 
 - ``init(rng, teacher_vars) -> TrainState``
 - ``make_batch(images, np_rng, category) -> dict`` on the host (synthetic
   anomalies and other per-sample augmentation live here, in numpy)
 - ``train_step(state, teacher_vars, batch, rng) -> (state, metrics)``
 - ``anomaly_maps(state, teacher_vars, images, rng) -> (maps [B,H,W], scores [B])``
+- ``teacher_features(teacher_vars, images) -> [E1, E2, E3]`` (the feature cache)
+- ``feature_shapes(batch) -> [shape]`` (benchmark batches of cached features)
+- ``default_num_steps(category) -> int`` (the method's own step budget; 0 = epochs)
+- ``describe() -> dict`` (the checkpoint's JSON item) and ``notes() -> [str]``
+  (lines of the results table)
+
+and reads the attributes ``name``, ``map_kwargs`` and ``supports_feature_cache``.
 """
 
 from __future__ import annotations

@@ -316,6 +316,18 @@ def cap_eval_batch(config, mem: SlotMemory | None, slots_per_device: int) -> int
   return most
 
 
+class OutOfMemory(RuntimeError):
+  """The device ran out of memory during a run; carries the slot plan the advice names.
+
+  Raised ``from`` the device's error (``__cause__``), so its traceback stays whole.
+  """
+
+  def __init__(self, config, slots_per_device: int | None):
+    super().__init__(f"Out of device memory with {slots_per_device} slot(s) per device.")
+    self.config = config
+    self.slots_per_device = slots_per_device
+
+
 def is_out_of_memory(error: BaseException) -> bool:
   """Whether ``error`` is a device out-of-memory (XLA's RESOURCE_EXHAUSTED and kin)."""
   return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MARKERS)

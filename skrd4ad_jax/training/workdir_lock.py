@@ -1,7 +1,7 @@
 """One writer per workdir: a lock that a second run meets at once, and a dead run leaves none.
 
   with workdir_lock.hold(workdir):
-    trainer.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
 
 The lock is ``fcntl.flock`` on ``<workdir>/.skrd4ad.lock``: the kernel releases
 it when the holding process ends, however it ends (SIGKILL, a lost VM), so a
@@ -64,6 +64,32 @@ def _holder_record() -> str:
   )
 
 
+def _cannot_write(workdir: str, e: OSError) -> OSError:
+  return OSError(
+    f"Cannot write to the workdir {workdir!r} ({e.strerror}). Choose another "
+    "directory with --workdir=DIR or fix its permissions."
+  )
+
+
+def ensure_writable(workdir: str) -> str:
+  """Creates ``workdir`` and proves it is writable; returns it absolute.
+
+  Raises:
+    OSError: it cannot be created or written (the message says how to fix it).
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # One probe per process: several processes may share the workdir.
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise _cannot_write(workdir, e) from e
+  return workdir
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[str]:
   """Holds ``workdir`` for this process; creates it if needed.
@@ -89,10 +115,7 @@ def hold(workdir: str) -> Iterator[str]:
     os.makedirs(workdir, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
   except OSError as e:
-    raise OSError(
-      f"Cannot write to the workdir {workdir!r} ({e.strerror}). Choose another "
-      "directory with --workdir=DIR or fix its permissions."
-    ) from e
+    raise _cannot_write(workdir, e) from e
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
