@@ -12,6 +12,10 @@ Pillow and numpy; `decode_and_resize` gives a script the same numbers.
 (tf.data), into a `skrd4ad_jax.data.category_data.CategoryData` (the fields of
 `config.data` are described there); `image_stream` is predict's stream. Both are
 reached through `data_pipelines.TFDataSource`.
+
+Why one module of this size: it is the whole TensorFlow side of decoding
+(training, evaluation and predict's stream), and all three must give the same
+integers; keeping them together keeps one resize and one mask rule.
 """
 
 from __future__ import annotations

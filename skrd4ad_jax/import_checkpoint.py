@@ -42,6 +42,9 @@ The teacher of RD4AD, SK-RD4AD and MRKD is not in their checkpoints: it is the
 ImageNet encoder (``config.model.teacher_weights``, ``--teacher_weights``).
 RD with Expert's checkpoint holds its trained teacher, which the maps use; its
 config still names the expert's (ImageNet) weights.
+
+Why one module of this size: one name map per official method (four), each next
+to the parameter tree it fills; the command line is a few lines over them.
 """
 
 from __future__ import annotations

@@ -249,6 +249,12 @@ def train(config, workdir: str) -> None:
       train.train_and_evaluate(
         config, workdir, eval_only=FLAGS.eval_only, source=source, prepared=True
       )
+  except host.StoppedAtOnce as e:
+    # No clean-up on purpose (a background write still in flight is dropped, never
+    # renamed into place): the newest complete checkpoint is what the rerun finds.
+    print(str(e), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + e.signum)
   except host.Preempted as e:
     # Checkpoints are written; the exit status says which signal stopped the run.
     print(str(e), file=sys.stderr, flush=True)

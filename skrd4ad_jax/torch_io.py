@@ -30,6 +30,10 @@ outside the buffer.
 
 Errors are ``CheckpointFormatError`` (a ``ValueError``) with one line naming
 the file and what was expected.
+
+Why one module of this size: both formats share one bounded unpickler and one
+set of checks on offsets, strides and sizes; the checks are the point of the
+module.
 """
 
 from __future__ import annotations

@@ -269,6 +269,35 @@ def test_predict_skips_a_damaged_checkpoint_quietly(trained, tmp_path):
   assert "step 4" in out
 
 
+@pytest.mark.slow
+def test_export_judges_the_checkpoint_it_would_export(trained, tmp_path):
+  """Step 4 (final) damaged: export falls back to step 2, which is not final, and says so."""
+  workdir = copy_of(trained, tmp_path)
+  truncate(largest_array_file(step_path(workdir, 4)))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "skrd4ad_jax.export",
+      f"--workdir={workdir}",
+      "--category=brick",
+      "--format=onnx",
+      f"--output={tmp_path / 'out'}",
+    ],
+    cwd=REPO,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 1, out[-3000:]
+  assert_quiet(out)
+  (line,) = error_lines(out)
+  assert "(step 2 of 4) is not a finished one" in line, line
+  assert not os.path.exists(tmp_path / "out" / "brick")
+
+
 # ---------------------------------------------------------------------------
 # 4: a failing disk stops the run in one line; what was written stays; a rerun resumes.
 
@@ -322,6 +351,26 @@ def test_sigterm_during_evaluation_or_save_keeps_its_promise(data_root, tmp_path
   if steps[-1] < 4:
     assert f"[brick] checkpoint at step {steps[-1]} of 4" in out
   assert steps_of(workdir)[-1] == 4
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_at_once_and_the_rerun_finishes(trained, data_root, tmp_path):
+  """SIGTERM once step 2 is written asks for a checkpoint; a second, at that save, stops now."""
+  workdir = str(tmp_path / "run")
+  code, out = main(workdir, data_root, fault="checkpoint_saved:1:term,checkpoint_save:2:term")
+  assert code == 128 + signal.SIGTERM, out[-3000:]
+  assert "Stopped at once by a second SIGTERM" in out, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  assert_quiet(out)
+  directory = checkpoints.checkpoint_dir(workdir, "brick")
+  for step in steps_of(workdir):  # only complete steps are listed
+    assert os.path.isfile(os.path.join(directory, str(step), "meta", "metadata")), step
+  assert steps_of(workdir) == [2]
+  state_digest(workdir, "brick")  # the newest complete checkpoint reads
+  code, out = main(workdir, data_root)
+  assert code == 0, out[-3000:]
+  assert steps_of(workdir)[-1] == 4
+  assert read_metrics(workdir) == read_metrics(trained)
 
 
 # ---------------------------------------------------------------------------

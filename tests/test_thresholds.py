@@ -237,3 +237,17 @@ def test_normalize_scores_guards_zero_width(threshold, low, high, x, expected):
     warnings.simplefilter("error")  # no division-by-zero warning
     out = thresholds.normalize_scores(np.array(x), threshold, low, high)
   np.testing.assert_allclose(out, expected)
+
+
+def test_the_ok_ng_decision_is_made_in_float32():
+  """One rule for predict, test_predictions.csv, the runner and an exported graph."""
+  from skrd4ad_jax.evaluation.prediction_output import decision
+
+  score = np.float32(0.7)
+  just_above = float(np.nextafter(np.float64(score), np.inf))  # rounds to the score
+  assert just_above > float(score)
+  assert decision(float(score), just_above) == "NG"
+  assert (np.array([score]) >= just_above)[0]  # numpy's float32 comparison agrees
+  next_float32 = float(np.nextafter(score, np.float32(1)))
+  assert decision(float(score), next_float32) == "OK"
+  assert decision(float(score), float("nan")) == ""

@@ -68,6 +68,10 @@ idempotent: `manifest.json` records the parameters and `DATASET_VERSION`; the
 tree is regenerated only when it is missing or the parameters differ. A new tree
 is written into a temporary sibling directory and renamed into place, so an
 interrupted run never leaves a half tree that looks complete.
+
+Why one module of this size: the generator is one recipe (crops, the defect
+kinds, their masks, the manifest); its parts are only meaningful together, and
+the honesty property above is a property of the whole.
 """
 
 import json

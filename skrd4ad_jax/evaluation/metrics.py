@@ -20,6 +20,9 @@ pixel_ap. Two AUPRO protocols exist and give different numbers
 All functions take numpy arrays (masks bool, integer or float {0, 1}; maps
 [N, H, W] or [N, H, W, 1]), never crash on degenerate input and warn
 (RuntimeWarning) wherever a metric is undefined, returning NaN.
+
+Why one module of this size: the metrics share the exact sorted-threshold
+machinery and the degenerate-input rules above.
 """
 
 import functools

@@ -39,14 +39,6 @@ CSV_COLUMNS = ("image_path", "pred_score", "pred_score_raw", "pred_label")
 TEST_CSV_COLUMNS = ("image_path", "defect_type", "gt_label") + CSV_COLUMNS[1:]
 MASK_DIR = "masks"
 PROGRESS_SECONDS = 5.0  # At most one progress line per this many seconds.
-_THRESHOLD_KEYS = (
-  "image_threshold",
-  "pixel_threshold",
-  "image_min",
-  "image_max",
-  "pixel_min",
-  "pixel_max",
-)
 
 
 class PredictError(ValueError):
@@ -92,7 +84,7 @@ class ImageResult:
 def stored_thresholds(meta: dict[str, Any]) -> dict[str, Any]:
   """The checkpoint's thresholds with every numeric field a float (NaN if missing)."""
   thr = dict(meta.get("thresholds") or {})
-  for key in _THRESHOLD_KEYS:
+  for key in thresholds_lib.KEYS:
     value = thr.get(key)
     thr[key] = float("nan") if value is None else float(value)
   return thr
@@ -102,11 +94,14 @@ def decision(score: float, image_threshold: float) -> str:
   """``'NG'`` when the raw score reaches the image threshold, else ``'OK'``; ``''`` without one.
 
   The raw comparison is the decision; the normalised score (0.5 = the
-  threshold) only shows it.
+  threshold) only shows it. It is made in float32, the scores' own precision,
+  as numpy compares a float32 score array with a threshold and as an exported
+  model compares inside its graph: a threshold that rounds to a score in
+  float32 makes that score NG everywhere.
   """
   if not math.isfinite(image_threshold):
     return ""
-  return "NG" if score >= image_threshold else "OK"
+  return "NG" if np.float32(score) >= np.float32(image_threshold) else "OK"
 
 
 class PredictionsCsv:

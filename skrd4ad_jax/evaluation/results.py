@@ -11,6 +11,10 @@ aupro_protocol, source, note``; values in percent, empty when not published).
 Published AUPROs of the RD4AD family are per-image averages (``aupro_protocol``
 ``rd4ad``), so they sit beside our ``pixel_aupro_rd4ad``, not beside the
 pooled MVTec/anomalib ``pixel_aupro``.
+
+Why one module of this size: one results table, written three ways (CSV, per-
+seed CSV, Markdown beside the published numbers), from one set of column rules;
+splitting it would repeat those rules.
 """
 
 from __future__ import annotations

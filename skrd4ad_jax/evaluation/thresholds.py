@@ -26,6 +26,9 @@ import numpy as np
 # Flag when score >= threshold (anomalib's convention), everywhere.
 RULE_F1 = "f1_optimal"
 RULE_QUANTILE = "normal_quantile"
+# The numbers of a threshold choice (``choose_thresholds``'s dict, besides its
+# rule and source): what a checkpoint stores and an exported model takes as inputs.
+KEYS = ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
 
 
 def binarize_masks(masks):

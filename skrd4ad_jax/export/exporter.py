@@ -20,6 +20,9 @@ Conversion paths (why: see ``onnx_converter.py`` and the README):
 Every export is checked before it is reported done: the written model is
 loaded back and run on synthetic images, and its maps and scores must match
 the JAX checkpoint's to ``PARITY_RTOL`` (figures stored in the spec).
+
+Why one module of this size: both formats share the traced function, the loading
+of a finished checkpoint and the parity check; each format's part is short.
 """
 
 from __future__ import annotations
@@ -65,15 +68,27 @@ def load_finished(workdir: str, category: str | None, seed: int = 0):
   except predict.PredictError as e:
     raise ExportError(str(e)) from None
   manager = checkpoints.make_manager(workdir, name, read_only=True)
+
+  def check_finished(meta: dict, step) -> None:
+    if not meta.get("final") or not meta.get("thresholds"):
+      raise ExportError(
+        f"The latest readable checkpoint of {name!r} in {os.path.abspath(workdir)} (step "
+        f"{step} of {meta.get('total_steps', '?')}) is not a finished one (no final "
+        "evaluation, no thresholds). Fix: finish training (rerun python -m skrd4ad_jax.main "
+        "with the same --workdir; it resumes) and export again."
+      )
+
+  # The JSON item first (no teacher to load when training is plainly unfinished),
+  # then the state the predictor actually restored: when the newest checkpoint's
+  # arrays are damaged it falls back to an older step, which may not be final.
   meta = checkpoints.restore_meta(manager) or {}
-  if not meta.get("final") or not meta.get("thresholds"):
-    raise ExportError(
-      f"The latest checkpoint of {name!r} in {os.path.abspath(workdir)} (step "
-      f"{meta.get('step', manager.latest_step())} of {meta.get('total_steps', '?')}) is not a "
-      "finished one (no final evaluation, no thresholds). Fix: finish training (rerun "
-      "python -m skrd4ad_jax.main with the same --workdir; it resumes) and export again."
-    )
-  return predict.Predictor(workdir, category, int(seed))
+  check_finished(meta, meta.get("step", manager.latest_step()))
+  try:
+    predictor = predict.Predictor(workdir, category, int(seed))
+  except predict.PredictError as e:
+    raise ExportError(str(e)) from None
+  check_finished(predictor.meta, predictor.step)
+  return predictor
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,10 @@ Conventions:
 * Layouts: ONNX convolutions and pools are NCHW; the converter transposes
   around them and leaves it to onnxruntime's transpose optimiser to cancel
   the pairs between consecutive layers.
+
+Why one module of this size: it is one table of jaxpr primitives and their ONNX
+translations, sharing the shape and layout helpers above; a primitive is added
+in one place.
 """
 
 from __future__ import annotations

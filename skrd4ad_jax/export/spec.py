@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from skrd4ad_jax.evaluation import thresholds
+
 SPEC_FILE = "skrd4ad_export.json"
 ONNX_FILE = "model.onnx"
 SAVED_MODEL_DIR = "saved_model"
@@ -33,14 +35,7 @@ THRESHOLDS_AS = ("inputs", "constants")
 INPUT_NAME = "image"
 RAW_OUTPUTS = ("anomaly_map", "pred_score_raw")
 POSTPROCESSING_OUTPUTS = ("anomaly_map_normalized", "pred_score", "pred_label", "pred_mask")
-THRESHOLD_INPUTS = (
-  "image_threshold",
-  "pixel_threshold",
-  "image_min",
-  "image_max",
-  "pixel_min",
-  "pixel_max",
-)
+THRESHOLD_INPUTS = thresholds.KEYS  # the model's threshold inputs, in this order
 INSTALL_FIX = 'pip install -e ".[export]"'
 # What `pip install -e ".[export]"` installs (setup.py's extra), for messages.
 PACKAGES = {"onnx": "onnx==1.23.2", "onnxruntime": "onnxruntime==1.31.1"}

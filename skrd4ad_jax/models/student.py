@@ -36,6 +36,18 @@ def ocbe_for(layout: StudentLayout, dtype: Any = None) -> OCBE:
   )
 
 
+def decoder_for(layout: StudentLayout, skip: bool, dtype: Any = None) -> Decoder:
+  """The decoder of ``layout``, with (SK-RD4AD) or without (RD4AD, MRKD) skips."""
+  return Decoder(
+    channels=layout.channels,
+    block=layout.block,
+    blocks=layout.decoder_blocks,
+    width_per_group=layout.decoder_width_per_group,
+    skip=skip,
+    dtype=dtype,
+  )
+
+
 class RDStudent(nn.Module):
   """OCBE + decoder. ``skip=True`` is SK-RD4AD, ``skip=False`` is RD4AD."""
 
@@ -46,14 +58,7 @@ class RDStudent(nn.Module):
   def setup(self):
     lay = self.layout
     self.bottleneck = ocbe_for(lay, self.dtype)
-    self.decoder = Decoder(
-      channels=lay.channels,
-      block=lay.block,
-      blocks=lay.decoder_blocks,
-      width_per_group=lay.decoder_width_per_group,
-      skip=self.skip,
-      dtype=self.dtype,
-    )
+    self.decoder = decoder_for(lay, self.skip, self.dtype)
 
   def encode(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
     """[E1, E2, E3] -> the one-class embedding z."""

@@ -25,6 +25,11 @@ Survival rules:
 - A checkpoint of another model (the config changed the student's shape) raises
   ``CheckpointError`` naming the settings that differ from the stored config,
   instead of orbax's tree-structure dump.
+
+Why one module of this size: the survival rules above hold only if every read
+and write of a checkpoint (save, restore, the JSON item alone, the full read a
+plan makes, the set-aside, the quiet logging around orbax) honours all of them;
+split, each path would restate them.
 """
 
 from __future__ import annotations

@@ -30,6 +30,23 @@ class Preempted(RuntimeError):
     self.signum = signum
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+  """A second stop signal: the run ends now, without a last checkpoint.
+
+  A ``KeyboardInterrupt`` so that no ``except Exception`` on the way catches it.
+  Checkpoints are written to a temporary folder and renamed when complete, so
+  the newest complete one stays as it is; a write still in flight is dropped.
+  """
+
+  def __init__(self, signum: int):
+    name = signal.Signals(signum).name
+    super().__init__(
+      f"Stopped at once by a second {name}: the work since the newest complete checkpoint "
+      "is lost. Rerun the same command to resume from that checkpoint."
+    )
+    self.signum = signum
+
+
 class HostWork:
   """Host-side work in submission order: a background thread (one process) or inline."""
 
@@ -59,6 +76,14 @@ class HostWork:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool:
+    if isinstance(exc, StoppedAtOnce):
+      # Stop now: nothing queued starts, nothing running is waited for.
+      for _, future in self._pending:
+        future.cancel()
+      self._pending = []
+      if self._pool is not None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+      return False
     try:
       if exc is None:
         self.wait()
@@ -92,7 +117,7 @@ class StopRequest:
   def _handle(self, signum, frame):
     del frame
     if self.signum is not None:  # a second signal: stop now
-      raise KeyboardInterrupt
+      raise StoppedAtOnce(signum)
     self.signum = signum
     logging.warning("%s received: checkpointing at the current step", signal.Signals(signum).name)
 

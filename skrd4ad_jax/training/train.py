@@ -104,10 +104,11 @@ def train_and_evaluate(
   run = Run(config, workdir, method, jobs, data, teacher_vars, eval_only)
   inputs = inputs_lib.JobInputs(config, method, data, teacher_vars)
   plan = slots.make_plan(config, method, teacher_vars, inputs.batch_template, jobs, list(data))
+  writers = writers_lib.JobWriters(workdir, config)
+  at_once = False
   try:
     inputs_lib.load_data(config, data, plan.local_categories, eval_only)
     stats = {"loop_seconds": 0.0, "host_seconds": 0.0, "steps": 0, "images": 0}
-    writers = writers_lib.JobWriters(workdir, config)
     prefetcher = batches_lib.Prefetcher(inputs_lib.host_workers(config))
     try:
       teacher = parallel.put_replicated(teacher_vars, plan.mesh)
@@ -121,17 +122,20 @@ def train_and_evaluate(
     finally:
       prefetcher.close()
       inputs.release()
-    try:
-      notes = writers_lib.notes(config, method, jobs, eval_only, stats, plan.num_slots)
-      return writers_lib.write_results(
-        config, workdir, jobs, plan.finished_here(jobs), list(data), notes
-      )
-    finally:
-      writers.close()
+    notes = writers_lib.notes(config, method, jobs, eval_only, stats, plan.num_slots)
+    return writers_lib.write_results(
+      config, workdir, jobs, plan.finished_here(jobs), list(data), notes
+    )
+  except host_lib.StoppedAtOnce:
+    at_once = True  # the host work may still be writing: leave the writers as they are
+    raise
   except Exception as e:
     if memory.is_out_of_memory(e):
       raise memory.OutOfMemory(config, plan.slots_per_device) from e
     raise
+  finally:
+    if not at_once:
+      writers.close()  # TensorBoard's last events, also when stopped or failed
 
 
 def train_loop(

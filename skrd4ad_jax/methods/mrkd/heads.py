@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from skrd4ad_jax.models import layers
-from skrd4ad_jax.models.decoder import Decoder
-from skrd4ad_jax.models.student import StudentLayout, ocbe_for
+from skrd4ad_jax.models.student import StudentLayout, decoder_for, ocbe_for
 
 FLM_RNG = "flm"  # the PRNG stream of the FLM masks (``rngs={'flm': key}``)
 
@@ -94,14 +93,7 @@ class MRKDStudent(nn.Module):
   def setup(self):
     lay = self.layout
     self.bottleneck = ocbe_for(lay, self.dtype)
-    self.decoder = Decoder(
-      channels=lay.channels,
-      block=lay.block,
-      blocks=lay.decoder_blocks,
-      width_per_group=lay.decoder_width_per_group,
-      skip=False,
-      dtype=self.dtype,
-    )
+    self.decoder = decoder_for(lay, skip=False, dtype=self.dtype)
     self.heads = FLMHeads(mask_ratio=self.mask_ratio, dtype=self.dtype)
 
   def __call__(
