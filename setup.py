@@ -64,6 +64,7 @@ setup(
     # safetensors are test oracles too.
     "test": [
       "pytest>=8",
+      "pytest-xdist>=3.8,<4",
       "ruff>=0.17.6,<0.18",
       "import-linter>=2.17,<3",
       "torch>=2.13.0,<2.14",
