@@ -58,8 +58,13 @@ def main(workdir, data_root, *extra, fault=None, categories="brick", timeout=600
     *extra,
   ]
   extra_env = {faults.ENV: fault} if fault else {}
+  return run_module("skrd4ad_jax.main", *args, timeout=timeout, **extra_env)
+
+
+def run_module(module, *args, timeout=600, **extra_env):
+  """``python -m module args`` from the repository; (exit status, console output)."""
   proc = subprocess.run(
-    [sys.executable, "-m", "skrd4ad_jax.main", *args],
+    [sys.executable, "-m", module, *args],
     cwd=REPO,
     env=env(**extra_env),
     capture_output=True,
@@ -247,24 +252,14 @@ def test_predict_skips_a_damaged_checkpoint_quietly(trained, tmp_path):
   images = demo_data.ensure_demo_dataset(
     str(tmp_path / "images"), seed=1, image_size=64, num_train=1, num_test_good=1
   )
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "skrd4ad_jax.predict",
-      f"--workdir={workdir}",
-      "--category=brick",
-      f"--input={os.path.join(images, 'brick', 'test')}",
-      f"--output={tmp_path / 'out'}",
-    ],
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
+  code, out = run_module(
+    "skrd4ad_jax.predict",
+    f"--workdir={workdir}",
+    "--category=brick",
+    f"--input={os.path.join(images, 'brick', 'test')}",
+    f"--output={tmp_path / 'out'}",
   )
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-3000:]
+  assert code == 0, out[-3000:]
   assert_quiet(out)
   assert "step 4" in out
 
@@ -274,24 +269,14 @@ def test_export_judges_the_checkpoint_it_would_export(trained, tmp_path):
   """Step 4 (final) damaged: export falls back to step 2, which is not final, and says so."""
   workdir = copy_of(trained, tmp_path)
   truncate(largest_array_file(step_path(workdir, 4)))
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "skrd4ad_jax.export",
-      f"--workdir={workdir}",
-      "--category=brick",
-      "--format=onnx",
-      f"--output={tmp_path / 'out'}",
-    ],
-    cwd=REPO,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
+  code, out = run_module(
+    "skrd4ad_jax.export",
+    f"--workdir={workdir}",
+    "--category=brick",
+    "--format=onnx",
+    f"--output={tmp_path / 'out'}",
   )
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 1, out[-3000:]
+  assert code == 1, out[-3000:]
   assert_quiet(out)
   (line,) = error_lines(out)
   assert "(step 2 of 4) is not a finished one" in line, line
