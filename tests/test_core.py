@@ -343,12 +343,13 @@ def test_anomaly_map_peaks_inside_a_foreign_patch(trained, seed):
 def test_gemm_convolution_equals_lax_forward_and_gradients(kernel, stride, size):
   """layers.conv2d's 'gemm' formulation (the CPU default) against lax.conv."""
   rng = np.random.default_rng(kernel * 10 + stride)
-  x = jnp.asarray(rng.standard_normal((2, size, size, 5)), jnp.float32)
+  # Not square: the stride-1 kernel gradient walks the padded rows of width W + 2p.
+  x = jnp.asarray(rng.standard_normal((2, size, size + 3, 5)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((kernel, kernel, 5, 6)), jnp.float32)
   out = {impl: layers.conv2d(x, w, stride, impl) for impl in ("gemm", "xla")}
   # PyTorch's output size for padding k // 2.
-  expected = (size + 2 * (kernel // 2) - kernel) // stride + 1
-  assert out["gemm"].shape == out["xla"].shape == (2, expected, expected, 6)
+  height, width = ((n + 2 * (kernel // 2) - kernel) // stride + 1 for n in (size, size + 3))
+  assert out["gemm"].shape == out["xla"].shape == (2, height, width, 6)
   np.testing.assert_allclose(out["gemm"], out["xla"], rtol=1e-5, atol=1e-5)
   r = jnp.asarray(rng.standard_normal(out["xla"].shape), jnp.float32)
 
