@@ -53,6 +53,14 @@ flags.DEFINE_enum(
   "Our convolutions (skrd4ad_jax.models.layers.conv2d); 'xla' is lax.conv forward and backward.",
 )
 flags.DEFINE_enum(
+  "official_malloc",
+  "system",
+  ["system", "keep"],
+  "The official side's host malloc: 'system' as its users run it, 'keep' as ours "
+  "(skrd4ad_jax.host_memory: freed memory stays in the process). Ours follows "
+  "SKRD4AD_HOST_MALLOC (default 'keep'), as the trainer does.",
+)
+flags.DEFINE_enum(
   "side",
   None,
   ["official", "ours"],
@@ -62,6 +70,10 @@ flags.DEFINE_enum(
 
 def official_step(config):
   """A closure running one official RD4AD training step on a fixed random batch."""
+  if FLAGS.official_malloc == "keep":
+    from skrd4ad_jax import host_memory
+
+    host_memory.keep_freed_memory()  # before torch allocates anything
   import official_torch as ot
   import torch
 
@@ -150,6 +162,10 @@ def main(argv):
   from skrd4ad_jax.teachers import recipe
 
   config = recipe.resolve(FLAGS.config)
+  if FLAGS.side == "ours":
+    from skrd4ad_jax import host_memory
+
+    host_memory.keep_freed_memory()  # as the trainer does, before JAX starts
   if FLAGS.side:  # a child: one side, figures as JSON on the last line of stdout
     print(json.dumps(time_side(FLAGS.side, config)), flush=True)
     return
@@ -166,6 +182,8 @@ def main(argv):
     "cache_teacher_features": bool(config.train.get("cache_teacher_features", False)),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "conv_impl": FLAGS.conv_impl,
+    "official_malloc": FLAGS.official_malloc,
+    "ours_malloc": os.environ.get("SKRD4AD_HOST_MALLOC", "keep"),
     # Versions without importing either into this parent process (the sides run
     # in children; torch uses cpu_count threads there).
     "jax_version": metadata.version("jax"),
@@ -179,7 +197,7 @@ def main(argv):
   for side in ("official", "ours"):
     proc = subprocess.run(
       [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--steps={FLAGS.steps}"]
-      + [f"--conv_impl={FLAGS.conv_impl}"]
+      + [f"--conv_impl={FLAGS.conv_impl}", f"--official_malloc={FLAGS.official_malloc}"]
       + overrides,
       capture_output=True,
       text=True,

@@ -278,6 +278,9 @@ def main(argv):
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required (or --plan_only).")
+  from skrd4ad_jax import host_memory
+
+  kept_freed_memory = host_memory.keep_freed_memory()  # as the trainer does, before JAX starts
   import jax
 
   from skrd4ad_jax import methods, teachers
@@ -312,6 +315,7 @@ def main(argv):
     "host": platform.node(),
     "cpu_count": os.cpu_count(),
     "host_workers": workers,
+    "host_malloc_keeps_freed_memory": kept_freed_memory,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "peak_tflops": peak,
   }

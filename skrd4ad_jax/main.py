@@ -189,8 +189,14 @@ def workdir_held(workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  from skrd4ad_jax import host_memory
   from skrd4ad_jax.training import workdir_lock
 
+  try:
+    # Before JAX starts: a step's freed buffers stay in the process for the next one.
+    host_memory.keep_freed_memory()
+  except ValueError as e:  # a misspelt SKRD4AD_HOST_MALLOC
+    fail([str(e)])
   workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
   with contextlib.ExitStack() as stack:
     try:

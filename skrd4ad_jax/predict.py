@@ -46,7 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from skrd4ad_jax import methods, teachers
+from skrd4ad_jax import host_memory, methods, teachers
 from skrd4ad_jax.data import folder
 from skrd4ad_jax.data import source as source_lib
 from skrd4ad_jax.evaluation.prediction_output import (  # noqa: F401 (the module's API)
@@ -380,6 +380,7 @@ def main(argv):
   import data_pipelines
 
   try:
+    host_memory.keep_freed_memory()  # before JAX starts, as in training
     run(
       FLAGS.workdir,
       FLAGS.category,
