@@ -141,6 +141,19 @@ def test_mvtec_exact_on_tied_maps(seed, limit):
   assert got == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("levels", [None, 40, 3])
+@pytest.mark.parametrize("limit", [0.3, 0.05, 0.001, 0.45])
+def test_mvtec_from_the_top_normals_equals_the_full_sweep(levels, limit):
+  """aupro() sorts only the normal pixels above the (1 - limit) quantile: same bits."""
+  masks, maps = make_case(4, levels=levels)
+  labels = masks.reshape(len(masks), -1).max(axis=1)
+  scores = maps.reshape(len(maps), -1).max(axis=1)
+  for m in (maps, maps.astype(np.float64)):
+    # compute_metrics builds the full sweep (for AUROC) before pooled AUPRO reads it.
+    full = metrics.compute_metrics(labels, scores, masks, m, fpr_limit=limit)["pixel_aupro"]
+    assert metrics.aupro(masks, m, fpr_limit=limit) == full
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_mvtec_matches_dense_threshold_reference(seed):
   masks, maps = make_case(seed)
