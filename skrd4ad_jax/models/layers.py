@@ -66,6 +66,13 @@ def _gemm_conv_fwd(x, kernel, stride, pad):
   return _xla_conv(x, kernel, stride, pad), (x, kernel)
 
 
+# The flat kernel gradient multiplies every padded position, (Hp * Wp) / (H * W) - 1
+# more rows than the outputs: 6 % at 64x64, 13 % at 32x32, 27 % at 16x16, 56 % at
+# 8x8. Where that is small it wins (64x64x128: 0.30 -> 0.18 s per batch of 16 on the
+# 2-core CPU); where it is not, the strided windows do (8x8x1024: 0.12 vs 0.18 s).
+_FLAT_MAX_EXTRA = 0.15
+
+
 def _flat_kernel_grad(xp: jax.Array, g: jax.Array, k: int, acc: Any) -> jax.Array:
   """The kernel gradient of a stride-1 convolution, one GEMM per tap on contiguous rows.
 
@@ -113,7 +120,8 @@ def _gemm_conv_bwd(stride, pad, residuals, g):
   _, out_h, out_w, _ = g.shape
   acc = jnp.promote_types(g.dtype, jnp.float32)
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  if stride == 1:
+  hp, wp = xp.shape[1:3]
+  if stride == 1 and hp * wp <= (1 + _FLAT_MAX_EXTRA) * out_h * out_w:
     dkernel = _flat_kernel_grad(xp, g, k, acc)
   else:
     # d kernel[a, b] = sum over positions of window(a, b)^T g: one GEMM per tap.
@@ -167,8 +175,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto")
   ``lax.conv`` took 4-6x longer for forward + backward on the decoder's
   shapes), and a 3x3 convolution keeps XLA's fast forward convolution with a
   custom gradient (the input gradient a forward convolution, the kernel
-  gradient one GEMM per tap, on contiguous rows at stride 1; 1.1-2x faster, and
-  the contiguous rows another 1.2-1.8x on the kernel gradient). Larger kernels (the 7x7 stem)
+  gradient one GEMM per tap, on contiguous rows at stride 1 from 32x32 up; 1.1-2x
+  faster, and the contiguous rows another 1.2-1.7x on the kernel gradient). Larger
+  kernels (the 7x7 stem)
   use 'xla'. 'auto' picks 'gemm' on the CPU backend. Parameters, shapes and
   (up to float round-off) numbers are the same (``tests/test_core.py``).
   """
