@@ -7,7 +7,8 @@
 * ``TFDataSource``: the ``skrd4ad_jax.data.source.DataSource`` of tf.data (and
   tfds for ``config.data.source='tfds'``).
 * ``select_source``: what entry points call: ``TFDataSource`` when TensorFlow
-  can be imported, else ``PillowSource`` (with one warning).
+  can be imported, else ``PillowSource`` (with one warning);
+  ``SKRD4AD_DECODER=pillow`` (or ``tf.data``) chooses.
 
 Importing this package imports no TensorFlow; it registers the tfds builders
 (``tfds.builder('mvtec_ad/bottle')``) when tensorflow_datasets is installed, which
@@ -92,14 +93,27 @@ def select_source(data_cfg=None) -> source_lib.DataSource:
 
   Both give the same arrays; without TensorFlow one warning says so (and
   ``config.data.source='tfds'`` then fails with a message naming the fix).
+  ``SKRD4AD_DECODER`` (``source.decoder_choice``) overrides the choice.
 
   Args:
     data_cfg: ``config.data`` (for the warning's words); None for predict.
+
+  Raises:
+    ValueError: ``SKRD4AD_DECODER`` is misspelt, or asks for tf.data where
+      TensorFlow cannot be imported.
   """
   global _warned
+  choice = source_lib.decoder_choice()
+  if choice == "pillow":
+    return source_lib.PillowSource()
   if tensorflow_available():
     configure_tensorflow()
     return TFDataSource()
+  if choice == "tf.data":
+    raise ValueError(
+      f"{source_lib.DECODER_ENV}=tf.data, but TensorFlow cannot be imported: install "
+      f"it (pip install tensorflow-cpu) or unset {source_lib.DECODER_ENV}."
+    )
   if not _warned:
     _warned = True
     what = f" (config.data.source={data_cfg.source!r})" if data_cfg is not None else ""

@@ -190,12 +190,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   from skrd4ad_jax import host_memory
+  from skrd4ad_jax.data import source as source_lib
   from skrd4ad_jax.training import workdir_lock
 
   try:
     # Before JAX starts: a step's freed buffers stay in the process for the next one.
     host_memory.keep_freed_memory()
-  except ValueError as e:  # a misspelt SKRD4AD_HOST_MALLOC
+    source_lib.decoder_choice()  # checked now, used when the data are read
+  except ValueError as e:  # a misspelt SKRD4AD_HOST_MALLOC or SKRD4AD_DECODER
     fail([str(e)])
   workdir = FLAGS.workdir or os.path.join("runs", FLAGS.config.name)
   with contextlib.ExitStack() as stack:
@@ -223,7 +225,10 @@ def train(config, workdir: str) -> None:
   # accelerators JAX uses; without it the data are decoded with Pillow, to the same arrays.
   import data_pipelines
 
-  source = data_pipelines.select_source(config.data)
+  try:
+    source = data_pipelines.select_source(config.data)
+  except ValueError as e:  # SKRD4AD_DECODER=tf.data without TensorFlow
+    fail([str(e)])
   initialize_distributed()
   import jax
 

@@ -27,6 +27,11 @@ _session_cache: list[str] = []
 
 
 def pytest_configure(config):
+  # As the entry points do, before JAX starts: a step's freed buffers stay in
+  # the process (skrd4ad_jax/host_memory.py).
+  from skrd4ad_jax import host_memory
+
+  host_memory.keep_freed_memory()
   wanted = os.environ.get(CACHE_ENV, "")
   if wanted == "off" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return

@@ -269,6 +269,14 @@ def test_select_source_takes_tf_when_it_imports():
   assert isinstance(data_pipelines.select_source(), data_pipelines.TFDataSource)
 
 
+def test_misspelt_decoder_setting_names_the_choices(monkeypatch):
+  monkeypatch.setenv(source.DECODER_ENV, "tfdata")
+  with pytest.raises(ValueError, match=r"SKRD4AD_DECODER='tfdata': expected one of auto, tf\.data"):
+    data_pipelines.select_source()
+  monkeypatch.setenv(source.DECODER_ENV, "tf.data")
+  assert isinstance(data_pipelines.select_source(), data_pipelines.TFDataSource)
+
+
 # --- without TensorFlow -------------------------------------------------------
 
 
@@ -368,3 +376,30 @@ def test_tiny_run_without_tensorflow_equals_tf_run(tmp_path):
   assert [r["category"] for r in runs["tf"][1]] == ["brick", "mean"]
   assert "image_auroc" in runs["tf"][1][0] and "pixel_aupro" in runs["tf"][1][0]
   assert runs["no_tf"][1] == runs["tf"][1]
+
+
+def test_decoder_setting_pillow_never_imports_tensorflow():
+  """SKRD4AD_DECODER=pillow with TensorFlow installed: Pillow, no TensorFlow, no warning."""
+  code = (
+    "import sys, data_pipelines\n"
+    "s = data_pipelines.select_source()\n"
+    "assert type(s).__name__ == 'PillowSource', s\n"
+    "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+    "print('OK')\n"
+  )
+  proc = _python(code, env={source.DECODER_ENV: "pillow"})
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+  assert "TensorFlow cannot be imported" not in proc.stderr
+
+
+def test_decoder_setting_tf_data_without_tensorflow_says_so():
+  code = BLOCK_TF + (
+    "import data_pipelines\n"
+    "try:\n"
+    "  data_pipelines.select_source()\n"
+    "except ValueError as e:\n"
+    "  print('ERROR', e)\n"
+  )
+  proc = _python(code, env={source.DECODER_ENV: "tf.data"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ERROR SKRD4AD_DECODER=tf.data, but TensorFlow cannot be imported" in proc.stdout

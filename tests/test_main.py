@@ -13,9 +13,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, timeout=600):
+def run_main(*args, timeout=600, env=None):
   """Runs ``python -m skrd4ad_jax.main`` in a subprocess; returns (code, output)."""
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   proc = subprocess.run(
     [sys.executable, "-m", "skrd4ad_jax.main", *args],
     cwd=REPO,
@@ -182,3 +182,20 @@ def test_nan_loss_stops_with_the_step_range_and_keeps_results(tiny_run, tmp_path
   # Nothing already written is lost.
   assert read_csv(run / "results.csv") == before
   assert os.path.isdir(run / "brick" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+  "name, value, message",
+  [
+    ("SKRD4AD_HOST_MALLOC", "lots", "SKRD4AD_HOST_MALLOC='lots': expected one of keep, system."),
+    ("SKRD4AD_DECODER", "tfd", "SKRD4AD_DECODER='tfd': expected one of auto, tf.data, pillow."),
+  ],
+)
+def test_misspelt_environment_setting_is_one_error_line(tmp_path, name, value, message):
+  code, out = run_main(
+    f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+    f"--workdir={tmp_path / 'run'}",
+    env={name: value},
+  )
+  assert code == 1, out[-3000:]
+  assert f"error: {message}" in out and "Traceback" not in out, out[-3000:]

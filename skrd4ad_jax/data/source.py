@@ -9,7 +9,8 @@ same numbers (the same uint8 arrays, masks, order and paths):
 * ``data_pipelines.TFDataSource``: tf.data, and tfds for source 'tfds'.
 
 Entry points pick one with ``data_pipelines.select_source``; library code that
-is given none uses ``PillowSource``.
+is given none uses ``PillowSource``. ``SKRD4AD_DECODER`` (``decoder_choice``)
+lets the user choose.
 """
 
 from __future__ import annotations
@@ -26,11 +27,25 @@ from skrd4ad_jax.data import decode, folder
 from skrd4ad_jax.data.category_data import CategoryData, SplitArrays
 
 DatasetError = folder.DatasetError
+# Which decoder entry points use: 'auto' (tf.data when TensorFlow imports, else
+# Pillow), 'tf.data', or 'pillow' (the same arrays without tf.data: on a 2-core
+# CPU its pipelines take ~2.5 s to build per run, and predict, which has no
+# TensorBoard writer, then never imports TensorFlow, ~4 s more).
+DECODER_ENV = "SKRD4AD_DECODER"
+DECODERS = ("auto", "tf.data", "pillow")
 # Images decoded ahead of the consumer, in batches (predict's stream).
 PREFETCH_BATCHES = 2
 
 # (index in the paths, uint8 [S, S, 3] or None, why it failed or None)
 Decoded = tuple[int, "np.ndarray | None", "str | None"]
+
+
+def decoder_choice() -> str:
+  """``SKRD4AD_DECODER`` (default ``auto``), checked."""
+  value = os.environ.get(DECODER_ENV, "auto").strip().lower() or "auto"
+  if value not in DECODERS:
+    raise ValueError(f"{DECODER_ENV}={value!r}: expected one of {', '.join(DECODERS)}.")
+  return value
 
 
 def decode_workers() -> int:
@@ -158,9 +173,10 @@ class PillowSource(DataSource):
       raise DatasetError(
         f"config.data.source='tfds' ({data_cfg.dataset}) reads tfds records, which needs "
         "TensorFlow and tensorflow_datasets; they cannot be imported here (or this code "
-        "was given the Pillow data source). Fix: install them (pip install tensorflow-cpu "
-        "tensorflow-datasets) and pass data_pipelines.select_source(config.data), or point "
-        "config.data.source='folder' and config.data.root at the extracted data set."
+        "was given the Pillow data source, e.g. by SKRD4AD_DECODER=pillow). Fix: install "
+        "them (pip install tensorflow-cpu tensorflow-datasets) and pass "
+        "data_pipelines.select_source(config.data), or point config.data.source='folder' "
+        "and config.data.root at the extracted data set."
       )
     if data_cfg.source not in category_data_lib.FOLDER_SOURCES:
       raise category_data_lib.unknown_source(data_cfg)
