@@ -6,8 +6,8 @@ glibc serves allocations above its mmap threshold as mappings of their own and
 gives them back to the kernel on ``free``, and trims the heap's free top, so
 every step page-faults and zero-fills all of that memory again: on the 2-core
 machine the kernel's ``clear_page_erms`` took 27 % of the training step's CPU
-samples (``perf record``), and the WRN50-2 step ran at 28 s instead of 17.5 s
-(PERFORMANCE.md). ``keep_freed_memory`` tells glibc's malloc to keep what is
+samples (``perf record``), and the WRN50-2 step ran at about 28 s instead of
+15 s (README, Speed). ``keep_freed_memory`` tells glibc's malloc to keep what is
 freed, as an accelerator's allocator does on its device:
 
 - ``M_MMAP_MAX = 0``: no allocation gets a mapping of its own; all come from
@@ -28,7 +28,6 @@ Other C libraries than glibc (macOS, musl) are left as they are.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 ENV = "SKRD4AD_HOST_MALLOC"

@@ -80,8 +80,8 @@ def _flat_kernel_grad(xp: jax.Array, g: jax.Array, k: int, acc: Any) -> jax.Arra
   the same grid (zeros where no output is), tap (a, b)'s window is the contiguous
   row range starting at ``a * Wp + b``: ``d kernel[a, b] = rows[s : s + L]^T g``.
   A strided window (``_taps``) costs XLA:CPU a slow gather-like copy per tap;
-  a contiguous range is a plain copy (1.2-1.8x faster kernel gradients on the
-  decoder's shapes; the extra zero rows add 6-27 % to the GEMMs' work).
+  a contiguous range is a plain copy (1.2-1.7x faster kernel gradients from
+  32x32 up; the extra zero rows add 6-13 % to the GEMMs' work there).
 
   Args:
     xp: [N, Hp, Wp, C] the padded input.
@@ -177,9 +177,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto")
   custom gradient (the input gradient a forward convolution, the kernel
   gradient one GEMM per tap, on contiguous rows at stride 1 from 32x32 up; 1.1-2x
   faster, and the contiguous rows another 1.2-1.7x on the kernel gradient). Larger
-  kernels (the 7x7 stem)
-  use 'xla'. 'auto' picks 'gemm' on the CPU backend. Parameters, shapes and
-  (up to float round-off) numbers are the same (``tests/test_core.py``).
+  kernels (the 7x7 stem) use 'xla'. 'auto' picks 'gemm' on the CPU backend.
+  Parameters, shapes and (up to float round-off) numbers are the same
+  (``tests/test_core.py``).
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}.")
