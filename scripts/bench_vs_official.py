@@ -58,7 +58,7 @@ flags.DEFINE_enum(
   ["system", "keep"],
   "The official side's host malloc: 'system' as its users run it, 'keep' as ours "
   "(skrd4ad_jax.host_memory: freed memory stays in the process). Ours follows "
-  "SKRD4AD_HOST_MALLOC (default 'keep'), as the trainer does.",
+  "SKRD4AD_HOST_MALLOC (default 'auto': keep on a CPU-only host), as the trainer does.",
 )
 flags.DEFINE_enum(
   "side",
@@ -73,6 +73,7 @@ def official_step(config):
   if FLAGS.official_malloc == "keep":
     from skrd4ad_jax import host_memory
 
+    os.environ[host_memory.ENV] = "keep"
     host_memory.keep_freed_memory()  # before torch allocates anything
   import official_torch as ot
   import torch
@@ -183,7 +184,7 @@ def main(argv):
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "conv_impl": FLAGS.conv_impl,
     "official_malloc": FLAGS.official_malloc,
-    "ours_malloc": os.environ.get("SKRD4AD_HOST_MALLOC", "keep"),
+    "ours_malloc": os.environ.get("SKRD4AD_HOST_MALLOC", "auto"),
     # Versions without importing either into this parent process (the sides run
     # in children; torch uses cpu_count threads there).
     "jax_version": metadata.version("jax"),

@@ -19,19 +19,25 @@ freed, as an accelerator's allocator does on its device:
 The price: the process's resident memory stays at its peak until it exits.
 It must be set before JAX starts its backend (its thread pools): set after it,
 the same step took 22.5 s. So the entry points (``main``, ``predict``, the
-benchmarks) call it first, before the backend is known; with an accelerator
-it changes only host memory (the device's buffers are the device allocator's)
-and costs nothing there. ``SKRD4AD_HOST_MALLOC=system`` leaves malloc alone.
-Other C libraries than glibc (macOS, musl) are left as they are.
+benchmarks) call it first, before JAX has chosen a backend, and decide from
+what can be known then: ``SKRD4AD_HOST_MALLOC=auto`` (the default) keeps freed
+memory only where JAX can start nothing but its CPU backend (``JAX_PLATFORMS``
+names only ``cpu``, or neither a JAX plugin nor libtpu is installed). An
+accelerator host keeps its system allocator: there the step's buffers are the
+device allocator's, and nothing was measured. ``keep`` forces the setting,
+``system`` leaves malloc alone. Other C libraries than glibc (macOS, musl) are
+left as they are.
 """
 
 from __future__ import annotations
 
 import ctypes
+from importlib import metadata
+import importlib.util
 import os
 
 ENV = "SKRD4AD_HOST_MALLOC"
-CHOICES = ("keep", "system")
+CHOICES = ("auto", "keep", "system")
 # glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -39,8 +45,8 @@ _M_ARENA_MAX = -8
 
 
 def choice() -> str:
-  """``SKRD4AD_HOST_MALLOC`` (default ``keep``), checked."""
-  value = os.environ.get(ENV, "keep").strip().lower() or "keep"
+  """``SKRD4AD_HOST_MALLOC`` (default ``auto``), checked."""
+  value = os.environ.get(ENV, "auto").strip().lower() or "auto"
   if value not in CHOICES:
     raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(CHOICES)}.")
   return value
@@ -56,13 +62,26 @@ def _glibc():
     return None
 
 
+def accelerator_possible() -> bool:
+  """Whether JAX may start a GPU or TPU backend in this process (before it starts)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
+  # JAX finds accelerator backends as plugins (jax_plugins, e.g. the CUDA ones) or libtpu.
+  if importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins"):
+    return True
+  return bool(metadata.entry_points(group="jax_plugins"))
+
+
 def keep_freed_memory() -> bool:
   """Makes glibc's malloc keep freed memory (module docstring); True if it now does.
 
-  False without glibc or with ``SKRD4AD_HOST_MALLOC=system``. Call it before JAX
-  (or torch) starts; safe to call more than once.
+  False without glibc, with ``SKRD4AD_HOST_MALLOC=system``, or with ``auto``
+  where an accelerator backend may start. Call it before JAX (or torch)
+  starts; safe to call more than once.
   """
-  if choice() == "system":
+  setting = choice()
+  if setting == "system" or (setting == "auto" and accelerator_possible()):
     return False
   libc = _glibc()
   if libc is None:

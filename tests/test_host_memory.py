@@ -33,8 +33,8 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _probe(setting):
-  env = dict(os.environ, **{host_memory.ENV: setting})
+def _probe(setting, **extra_env):
+  env = dict(os.environ, **{host_memory.ENV: setting}, **extra_env)
   out = subprocess.run(
     [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
   ).stdout.split()
@@ -54,7 +54,30 @@ def test_kept_memory_is_reused_without_page_faults():
   assert last > pages // 2, (first, last)  # glibc unmapped it and faults it in again
 
 
+@pytest.mark.skipif(host_memory._glibc() is None, reason="malloc options are glibc's")
+def test_auto_keeps_on_a_cpu_only_host_and_not_where_an_accelerator_may_start():
+  assert _probe("auto", JAX_PLATFORMS="cpu")[0]
+  assert not _probe("auto", JAX_PLATFORMS="cuda")[0]
+  assert not _probe("auto", JAX_PLATFORMS="tpu,cpu")[0]
+  assert _probe("keep", JAX_PLATFORMS="cuda")[0]  # forced
+
+
+def test_an_installed_jax_plugin_means_an_accelerator_may_start(monkeypatch):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  real = host_memory.importlib.util.find_spec
+  monkeypatch.setattr(
+    host_memory.importlib.util,
+    "find_spec",
+    lambda name, *a: object() if name == "jax_plugins" else real(name, *a),
+  )
+  assert host_memory.accelerator_possible()
+  monkeypatch.setenv(host_memory.ENV, "auto")
+  assert not host_memory.keep_freed_memory()
+
+
 def test_a_misspelt_setting_names_the_variable(monkeypatch):
   monkeypatch.setenv(host_memory.ENV, "kept")
-  with pytest.raises(ValueError, match="SKRD4AD_HOST_MALLOC='kept': expected one of keep, system"):
+  with pytest.raises(
+    ValueError, match="SKRD4AD_HOST_MALLOC='kept': expected one of auto, keep, system"
+  ):
     host_memory.keep_freed_memory()

@@ -187,7 +187,11 @@ def test_nan_loss_stops_with_the_step_range_and_keeps_results(tiny_run, tmp_path
 @pytest.mark.parametrize(
   "name, value, message",
   [
-    ("SKRD4AD_HOST_MALLOC", "lots", "SKRD4AD_HOST_MALLOC='lots': expected one of keep, system."),
+    (
+      "SKRD4AD_HOST_MALLOC",
+      "lots",
+      "SKRD4AD_HOST_MALLOC='lots': expected one of auto, keep, system.",
+    ),
     ("SKRD4AD_DECODER", "tfd", "SKRD4AD_DECODER='tfd': expected one of auto, tf.data, pillow."),
   ],
 )
