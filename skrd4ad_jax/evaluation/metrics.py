@@ -117,12 +117,14 @@ class _PixelSet:
     full sort of millions of normal pixels is most of it). The full `sweep`
     when it is already built or the cut would save little.
     """
-    neg = self.maps[~self.masks]
-    n = neg.size
+    if "sweep" in self.__dict__:
+      return self.sweep
+    n = self.masks.size - int(np.count_nonzero(self.masks))
     # m normal pixels >= the cut c; every value <= c has FPR >= m / n > limit.
     m = int(np.ceil(fpr_limit * n)) + 1
-    if "sweep" in self.__dict__ or m > n // 2:
+    if m > n // 2:
       return self.sweep
+    neg = self.maps[~self.masks]
     top = np.partition(neg, n - m)[n - m :]
     cut = top[0]
     partial = thresholds.ThresholdSweep.from_scores(self.maps[self.masks], top, self.pro_weights)
@@ -226,8 +228,8 @@ def _count_below(ths, x, start, step):
 
   Equal to `np.searchsorted(ths, x, side="left")` for the arithmetic sequence
   `ths = np.arange(start, ..., step)`, but a guess from the arithmetic (in
-  float64, as arange computes) plus an exact check is several times faster than a binary
-  search per pixel.
+  float64, as arange computes) plus an exact check is several times faster
+  than a binary search per pixel.
 
   Args:
     ths: [T] increasing thresholds.
