@@ -160,12 +160,11 @@ def time_side(side: str, config) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  from skrd4ad_jax import host_memory
   from skrd4ad_jax.teachers import recipe
 
   config = recipe.resolve(FLAGS.config)
   if FLAGS.side == "ours":
-    from skrd4ad_jax import host_memory
-
     host_memory.keep_freed_memory()  # as the trainer does, before JAX starts
   if FLAGS.side:  # a child: one side, figures as JSON on the last line of stdout
     print(json.dumps(time_side(FLAGS.side, config)), flush=True)
@@ -184,7 +183,7 @@ def main(argv):
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "conv_impl": FLAGS.conv_impl,
     "official_malloc": FLAGS.official_malloc,
-    "ours_malloc": os.environ.get("SKRD4AD_HOST_MALLOC", "auto"),
+    "ours_malloc": host_memory.choice(),
     # Versions without importing either into this parent process (the sides run
     # in children; torch uses cpu_count threads there).
     "jax_version": metadata.version("jax"),
