@@ -5,7 +5,8 @@
 ``point("checkpoint_write")`` it acts. Actions:
 
 - ``kill``: SIGKILL this process (no clean-up of any kind, as a power cut).
-- ``term``: send SIGTERM to this process and go on (a polite stop request).
+- ``term``: send SIGTERM to this process and go on (a polite stop request); in a
+  thread other than the main one, go on after a pause of ``TERM_PAUSE_SECONDS``.
 - ``oserror``: raise ``OSError(ENOSPC)`` naming the point's path (a full disk).
 - ``readonly``: raise ``OSError(EROFS)`` naming the point's path.
 
@@ -19,9 +20,11 @@ import errno
 import os
 import signal
 import threading
+import time
 
 ENV = "SKRD4AD_FAULT"
 ACTIONS = ("kill", "term", "oserror", "readonly")
+TERM_PAUSE_SECONDS = 2.0
 
 _plan: dict[str, list[tuple[int, str]]] | None = None
 _counts: dict[str, int] = {}
@@ -62,6 +65,11 @@ def point(name: str, path: str | os.PathLike | None = None) -> None:
       os.kill(os.getpid(), signal.SIGKILL)
     elif action == "term":
       os.kill(os.getpid(), signal.SIGTERM)
+      if threading.current_thread() is not threading.main_thread():
+        # The main thread handles the signal; this thread's work (a checkpoint
+        # write) stays in progress meanwhile, as on a slow disk, so that a test
+        # sees the signal land during it and not after it.
+        time.sleep(TERM_PAUSE_SECONDS)
     elif action == "oserror":
       raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {name})", where)
     elif action == "readonly":

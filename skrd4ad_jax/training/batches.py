@@ -128,12 +128,14 @@ class Prefetcher:
     for key in [k for k in self.pending if k[0] == name]:
       self.pending.pop(key).cancel()
 
-  def close(self) -> None:
+  def close(self, wait: bool = True) -> None:
+    """Cancels the batches not started; ``wait=False`` leaves those being made running."""
     for future in self.pending.values():
       future.cancel()
     self.pending.clear()
     if self.pool is not None:
-      self.pool.shutdown(wait=True, cancel_futures=True)
+      self.pool.shutdown(wait=wait, cancel_futures=True)
+      self.pool = None  # closed: a second close waits for nothing
 
 
 def synthetic_batch(method, config, num_slots, np_rng):

@@ -119,6 +119,9 @@ def train_and_evaluate(
       ):
         states = SlotStates(run, plan, host, prefetcher, inputs, writers, evaluate, abstract_state)
         train_loop(run, plan, states, teacher, inputs.batch_template(), stop, stats)
+    except host_lib.StoppedAtOnce:
+      prefetcher.close(wait=False)  # a batch being made is not waited for
+      raise
     finally:
       prefetcher.close()
       inputs.release()
