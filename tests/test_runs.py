@@ -81,6 +81,7 @@ PREEMPT_FLAGS = [
   "--config.train.checkpoint_every_epochs=0",
   "--config.eval.save_pictures=False",
   "--config.eval.tensorboard_pictures=0",
+  "--config.train.tensorboard=False",  # not what is checked; spares TensorFlow's import
 ]
 
 

@@ -78,6 +78,9 @@ def get_config():
   config.train.b1 = 0.5
   config.train.b2 = 0.999
   config.train.log_every_steps = 20
+  # One TensorBoard run per job (clu's writer, which imports TensorFlow); False =
+  # the training and evaluation scalars go to the log only.
+  config.train.tensorboard = True
   # Evaluate on the test set every N epochs (TensorBoard only; the results
   # table always reports the last epoch). 0 = only at the end.
   config.train.eval_every_epochs = 10

@@ -252,6 +252,7 @@ def _check_train(c: Checks) -> None:
   c.number("train.b1", 0, 1, high_open=True, fix=" Adam's beta1; official 0.5.")
   c.number("train.b2", 0, 1, high_open=True, fix=" Adam's beta2; official 0.999.")
   c.integer("train.log_every_steps", 1)
+  c.boolean("train.tensorboard")
   c.integer("train.eval_every_epochs", 0, " 0 = only the final evaluation.")
   c.integer("train.checkpoint_every_epochs", 0, " 0 = only the final checkpoint.")
   c.boolean("train.cache_teacher_features")

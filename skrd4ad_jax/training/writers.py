@@ -1,8 +1,9 @@
 """What a run writes besides checkpoints: TensorBoard runs per job, the results tables.
 
 ``JobWriters`` keeps one clu writer per job (one TensorBoard run under
-``<workdir>/<job>``), or, when clu's TensorBoard writer cannot be imported (no
-TensorFlow), a ``LoggingWriter`` that sends the scalars to the log.
+``<workdir>/<job>``), or, with ``train.tensorboard=False`` or when clu's
+TensorBoard writer cannot be imported (no TensorFlow), a ``LoggingWriter`` that
+sends the scalars to the log.
 ``write_results`` gathers every job's results row from all processes and
 writes ``results.csv``, ``results.md`` (and ``results_per_seed.csv``) with the
 run's notes.
@@ -28,7 +29,7 @@ from skrd4ad_jax.training.jobs import Job, config_to_json
 
 
 class LoggingWriter:
-  """Scalars to the log when clu's TensorBoard writer cannot be had (no TensorFlow)."""
+  """Scalars to the log: no TensorBoard asked for, or clu's writer cannot be had (no TensorFlow)."""
 
   def __init__(self, collection: str):
     self.collection = collection
@@ -53,8 +54,10 @@ class LoggingWriter:
 _warned_no_tensorboard = []
 
 
-def make_writer(workdir: str, collection: str):
-  """clu's default writer (one TensorBoard run per job), or scalars to the log without TF."""
+def make_writer(workdir: str, collection: str, tensorboard: bool = True):
+  """clu's default writer (one TensorBoard run per job), or scalars to the log (no TF)."""
+  if not tensorboard:
+    return LoggingWriter(collection)
   try:
     from clu import metric_writers
   except ImportError as e:  # clu's summary writer imports TensorFlow
@@ -74,6 +77,7 @@ class JobWriters:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self._workdir = workdir
+    self._tensorboard = bool(config.train.get("tensorboard", True))
     self._hparams = config_lib.flatten(config_to_json(config))
     self._writers: dict[str, Any] = {}
     self._lock = threading.Lock()
@@ -81,7 +85,7 @@ class JobWriters:
   def __call__(self, job: Job):
     with self._lock:
       if job.name not in self._writers:
-        writer = make_writer(self._workdir, job.name)
+        writer = make_writer(self._workdir, job.name, self._tensorboard)
         writer.write_hparams({**self._hparams, "job": job.name})
         self._writers[job.name] = writer
       return self._writers[job.name]
