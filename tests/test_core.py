@@ -14,9 +14,6 @@ from skrd4ad_jax.models import layers
 from skrd4ad_jax.models.decoder import Decoder
 from skrd4ad_jax.training import steps
 
-# One test process trains the module's small model (`make test` runs several: pytest-xdist).
-pytestmark = pytest.mark.xdist_group("core")
-
 
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -30,9 +30,6 @@ from skrd4ad_jax.export import run as runner
 from skrd4ad_jax.training import checkpoints
 from skrd4ad_jax.training.jobs import config_to_json
 
-# One test process builds the exports (`make test` runs several: pytest-xdist).
-pytestmark = pytest.mark.xdist_group("export")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORY = "brick"
 RTOL = 1e-4  # the parity bound: max |exported - JAX| / max |JAX|
