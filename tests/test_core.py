@@ -335,8 +335,20 @@ def test_anomaly_map_peaks_inside_a_foreign_patch(trained, seed):
 
 @pytest.mark.parametrize(
   "kernel, stride, size",
-  # 3x3 at stride 1: 8 takes the strided windows, 32 the contiguous rows (layers.py).
-  [(1, 1, 8), (1, 2, 8), (1, 2, 7), (3, 1, 8), (3, 1, 32), (3, 2, 8), (3, 2, 7), (7, 2, 9)],
+  # 3x3 at stride 1: 8 takes the strided windows, 32 the contiguous rows; 1 (1 x 4,
+  # fewer positions than taps) the im2col forward and the per-tap input gradient (layers.py).
+  [
+    (1, 1, 8),
+    (1, 2, 8),
+    (1, 2, 7),
+    (3, 1, 8),
+    (3, 1, 32),
+    (3, 1, 1),
+    (3, 2, 8),
+    (3, 2, 7),
+    (3, 2, 1),
+    (7, 2, 9),
+  ],
 )
 def test_gemm_convolution_equals_lax_forward_and_gradients(kernel, stride, size):
   """layers.conv2d's 'gemm' formulation (the CPU default) against lax.conv."""

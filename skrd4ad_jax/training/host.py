@@ -75,15 +75,19 @@ class HostWork:
   def __enter__(self) -> HostWork:
     return self
 
+  def _abandon(self) -> None:
+    """Stop now: nothing queued starts, nothing running is waited for."""
+    for _, future in self._pending:
+      future.cancel()
+    self._pending = []
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+
   def __exit__(self, exc_type, exc, tb) -> bool:
     if isinstance(exc, StoppedAtOnce):
-      # Stop now: nothing queued starts, nothing running is waited for.
-      for _, future in self._pending:
-        future.cancel()
-      self._pending = []
-      if self._pool is not None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+      self._abandon()
       return False
+    abandoned = False
     try:
       if exc is None:
         self.wait()
@@ -95,8 +99,14 @@ class HostWork:
             logging.error("[%s] host work failed: %r", name, failure, exc_info=failure)
             exc.add_note(f"[{name}] host work failed as well: {failure!r}")
         self._pending = []
+    except StoppedAtOnce:
+      # A second stop signal while the last host work is waited for (``StopRequest``
+      # encloses this block): as in the loop, the write in flight is dropped.
+      abandoned = True
+      self._abandon()
+      raise
     finally:
-      if self._pool is not None:
+      if self._pool is not None and not abandoned:
         self._pool.shutdown(wait=True)
     return False
 

@@ -113,12 +113,16 @@ def train_and_evaluate(
     try:
       teacher = parallel.put_replicated(teacher_vars, plan.mesh)
       evaluate = evaluator_lib.Evaluator(config, method, data, plan, teacher)
+      # The stop request encloses the host work: a signal while the last
+      # evaluations and writes are waited for is handled, not the default exit.
       with (
-        host_lib.HostWork(background=jax.process_count() == 1) as host,
         host_lib.StopRequest() as stop,
+        host_lib.HostWork(background=jax.process_count() == 1) as host,
       ):
         states = SlotStates(run, plan, host, prefetcher, inputs, writers, evaluate, abstract_state)
         train_loop(run, plan, states, teacher, inputs.batch_template(), stop, stats)
+      if stop.signum:  # it came while the last host work was waited for
+        logging.warning("The stop signal came after the last step: the run finishes as usual.")
     except host_lib.StoppedAtOnce:
       prefetcher.close(wait=False)  # a batch being made is not waited for
       raise
