@@ -2,15 +2,17 @@
 
 ``tiny_run`` writes a small MVTec-layout demo tree (64 px, 8 training images
 per category) and trains ``configs/tiny.py`` on two of its categories with
-``train.train_and_evaluate``: about a minute on 2 CPU cores, paid only by the
-sessions that use it. Tests must treat the run as read-only (write into their
-own ``tmp_path``).
+``train.train_and_evaluate``: about half a minute on 2 CPU cores, paid only by the
+sessions that use it, and once per session also under pytest-xdist (the first
+worker that needs it makes it under a file lock; the others wait and read it).
+Tests must treat the run as read-only (write into their own ``tmp_path``).
 
 To iterate on tests without retraining, set ``SKRD4AD_TINY_RUN_DIR=DIR``: the
 run is made there once and reused while ``DIR/run/results.csv`` exists (delete
 ``DIR`` after changing the training loop).
 """
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -97,18 +99,28 @@ def tiny_run(tmp_path_factory):
   from skrd4ad_jax.training import train
 
   cached = os.environ.get("SKRD4AD_TINY_RUN_DIR")
-  base = cached or str(tmp_path_factory.mktemp("tiny_run"))
-  data_root = demo_data.ensure_demo_dataset(
-    os.path.join(base, "data"),
-    seed=0,
-    image_size=64,
-    num_train=8,
-    num_test_good=3,
-    num_test_per_defect=1,
-  )
+  if cached:
+    base = cached
+  else:
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+      root = root.parent  # the session's folder, shared by its workers
+    base = os.path.join(str(root), "tiny_run_shared")
+  os.makedirs(base, exist_ok=True)
   config = load_config(tiny_config_path(TINY_CATEGORIES))
-  config.data.root = data_root
   workdir = os.path.join(base, "run")
-  if not (cached and os.path.exists(os.path.join(workdir, "results.csv"))):
-    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(base, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    data_root = demo_data.ensure_demo_dataset(
+      os.path.join(base, "data"),
+      seed=0,
+      image_size=64,
+      num_train=8,
+      num_test_good=3,
+      num_test_per_defect=1,
+    )
+    config.data.root = data_root
+    if not os.path.exists(os.path.join(workdir, "results.csv")):
+      shutil.rmtree(workdir, ignore_errors=True)  # what a failed attempt left
+      train.train_and_evaluate(config, workdir)
   return config, workdir, data_root
