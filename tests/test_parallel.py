@@ -6,11 +6,12 @@ when a process first touches JAX). The subprocesses run this file as a script
 (``python tests/test_parallel.py SPEC.json``); the work they do is in the
 ``_*_worker`` functions below, the assertions are in the tests.
 
-The model is the tiny config made smaller still (batch 2, one OCE block, one
-block per decoder stage) so that the whole file takes about 3.5 minutes on 2 CPU
-cores (equivalence ~1.8 min, the others ~30-40 s each; more when the cores are
-shared). The workers share one persistent XLA compilation cache: programs with
-the same HLO (the single-category runs, the resume runs) compile once.
+The model is the tiny config (one OCE block, one block per decoder stage) at
+batch 2 and 3 epochs: in the full suite on 2 CPU cores, with the other worker busy,
+the file takes about 7 minutes of one worker (equivalence ~2.5 min, category
+loops ~1.8, seeds ~1.6, the others ~40 s each). The workers share one persistent
+XLA compilation cache: programs with the same HLO (the single-category runs, the
+resume runs) compile once.
 
 Note that ``parallel.make_mesh`` gives 3 jobs on 4 devices a 3-device category
 axis (3 slots, one job each). With 2 devices and one slot each the plan cuts a
