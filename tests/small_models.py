@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(model_name, section, **fields):
-  """resnet18 / random teacher / 64 px, with a one-block OCE and decoder stages.
+  """configs/tiny.py (resnet_micro, random teacher, 64 px; one OCE block, a (1, 1, 1) decoder).
 
   Args:
     model_name: ``config.model.name``.

@@ -28,7 +28,7 @@ def test_vmapped_slots_equal_single_steps_on_the_default_backend(dtype):
   cfg.model.decoder_blocks = (1, 1, 1)
   cfg.train.batch_size = 4
   method = methods.build_method(cfg)
-  teacher_vars = teachers.load_teacher_variables("resnet18", "random", image_size=64, seed=0)
+  teacher_vars = teachers.load_teacher_variables(cfg.model.teacher, "random", image_size=64, seed=0)
   k, num_steps = 3, 3
   init = jax.jit(method.init)
   states = [jax.device_get(init(jax.random.PRNGKey(i), teacher_vars)) for i in range(k)]

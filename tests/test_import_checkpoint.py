@@ -39,7 +39,9 @@ SECTIONS = {"rd4ad": "loss", "sk_rd4ad": "loss", "mrkd": "mrkd", "rd_expert": "r
 
 
 def _config(method, **fields):
-  return small_config(method, SECTIONS[method], **fields)
+  cfg = small_config(method, SECTIONS[method], **fields)
+  cfg.model.teacher = "resnet18"  # the official code's teacher (tests/official_torch.py)
+  return cfg
 
 
 def _save_teacher(tmp_path):
@@ -302,8 +304,11 @@ def test_existing_checkpoints_are_kept_unless_overwrite(official_files, tmp_path
 def test_command_line(official_files, tmp_path):
   """The absl entry point, with a dataset config: success, then a one-line error."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-  # configs/tiny.py keeps resnet18's official layout (2 OCE blocks, decoder (2, 2, 2)).
-  layout = student_layout(load_config(os.path.join(REPO, "configs", "tiny.py")).model)
+  # configs/tiny.py with the official code's teacher and its student (one OCE
+  # block, a (1, 1, 1) decoder).
+  config = load_config(os.path.join(REPO, "configs", "tiny.py"))
+  config.model.teacher = "resnet18"
+  layout = student_layout(config.model)
   models = ot.official_models("rd4ad", layout, seed=16)
   ckpt = _save_official(models, tmp_path / "wres50_widget.pth")
   base = [
@@ -314,6 +319,7 @@ def test_command_line(official_files, tmp_path):
     f"--category={CATEGORY}",
     f"--workdir={tmp_path / 'run'}",
     f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+    "--config.model.teacher=resnet18",
     f"--teacher_weights={official_files['teacher']}",
   ]
   done = subprocess.run(

@@ -35,7 +35,7 @@ def tiny_estimate():
 
   config = tiny_config()
   method = methods.build_method(config)
-  teacher_vars = teachers.load_teacher_variables("resnet18", "random", image_size=64)
+  teacher_vars = teachers.load_teacher_variables(config.model.teacher, "random", image_size=64)
   size, bs = int(config.data.image_size), int(config.train.batch_size)
   template = method.make_batch(
     np.zeros((bs, size, size, 3), np.float32), np.random.default_rng(0), ""

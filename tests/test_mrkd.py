@@ -24,7 +24,7 @@ def mrkd_config(**mrkd):
 
 @pytest.fixture(scope="module")
 def teacher_vars():
-  return teachers.load_teacher_variables("resnet18", "random", SIZE)
+  return teachers.load_teacher_variables(mrkd_config().model.teacher, "random", SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def expert_config(**fields):
 
 @pytest.fixture(scope="module")
 def teacher_vars():
-  return teachers.load_teacher_variables("resnet18", "random", SIZE)
+  return teachers.load_teacher_variables(expert_config().model.teacher, "random", SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_trainable_teacher_copies_the_frozen_teacher(method, teacher_vars, state
 
 def test_student_init_is_xavier_normal(state):
   params = state.params["student"]
-  kernel = params["decoder"]["layer1_0"]["conv2"]["kernel"]  # 3x3 conv (resnet18 BasicBlock)
+  kernel = params["decoder"]["layer1_0"]["conv2"]["kernel"]  # 3x3 conv (a BasicBlock)
   fan_in, fan_out = 9 * kernel.shape[2], 9 * kernel.shape[3]
   assert abs(float(jnp.std(kernel)) / np.sqrt(2.0 / (fan_in + fan_out)) - 1) < 0.1
   oce = params["bottleneck"]["conv1"]["kernel"]  # 3x3 conv of the OCBE, overridden too

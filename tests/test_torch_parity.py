@@ -129,6 +129,7 @@ class Setup:
 
   def __init__(self, name: str, tmp_path, rate: float = 0.05):
     cfg = small_config(name, "loss", consistency_rate=rate)
+    cfg.model.teacher = "resnet18"  # the official code's teacher
     self.encoder = ot.random_encoder("resnet18", seed=3)
     torch.save(self.encoder.model.state_dict(), tmp_path / "teacher.pth")
     cfg.model.teacher_weights = str(tmp_path / "teacher.pth")

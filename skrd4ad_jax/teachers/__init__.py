@@ -48,6 +48,11 @@ def cache_dir() -> pathlib.Path:
 def default_weights_path(arch: str) -> pathlib.Path:
   """Where ``weights=''`` looks for ``arch``'s weights (raises if none is found)."""
   spec = get(arch)
+  if spec.weights == "random":
+    raise FileNotFoundError(
+      f"{arch!r} has no published weights: it is a random-init teacher for tests and "
+      "smoke runs. Set --config.model.teacher_weights=random."
+    )
   if spec.weights == "hed":
     candidates = []
     # find_spec locates the package without importing it (its __init__ imports TensorFlow).

