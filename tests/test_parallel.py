@@ -205,18 +205,28 @@ def _train_worker(spec):
 
 
 def diff_stats(a, b, start):
-  """How far tree ``a`` is from ``b``: max abs, and the L2 norm relative to ``b - start``."""
+  """How far tree ``a`` is from ``b``: max abs, and the L2 norm relative to ``b - start``.
+
+  Leaf by leaf on the host's float32 arrays (resnet18's student holds 8M numbers:
+  float64 copies of whole trees were half of the step worker's time). A float32
+  difference is 0 exactly where the two values are equal.
+  """
   import jax
 
-  a, b, start = (
-    np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
-    for t in (a, b, start)
-  )
-  d = np.abs(a - b)
+  max_abs, over, size, moved, travelled = 0.0, 0, 0, 0.0, 0.0
+  for x, y, z in zip(*(jax.tree.leaves(t) for t in (a, b, start)), strict=True):
+    x, y, z = (np.ravel(np.asarray(v, np.float32)) for v in (x, y, z))
+    d = x - y
+    ad = np.abs(d)
+    max_abs = max(max_abs, float(ad.max(initial=0.0)))
+    over += int(np.count_nonzero(ad > 1e-4))
+    size += d.size
+    moved += float(np.dot(d, d))
+    travelled += float(np.dot(y - z, y - z))
   return {
-    "max_abs": float(d.max(initial=0.0)),
-    "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b - start), 1e-30)),
-    "frac_over_1e-4": float(np.mean(d > 1e-4)),
+    "max_abs": max_abs,
+    "rel_l2": float(np.sqrt(moved) / max(np.sqrt(travelled), 1e-30)),
+    "frac_over_1e-4": over / max(size, 1),
   }
 
 
