@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from skrd4ad_jax.models import init_compile
 from skrd4ad_jax.teachers import porting
 from skrd4ad_jax.teachers.registry import STRIDES, TEACHERS, TeacherSpec, build_teacher, get
 
@@ -86,7 +85,7 @@ def default_weights_path(arch: str) -> pathlib.Path:
 def _jitted_init(arch: str, image_size: int) -> Callable[[jax.Array], Any]:
   # Cached: compiling the init takes seconds on CPU; a new seed reuses the program.
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return init_compile.jit_init(lambda key: build_teacher(arch).init(key, x))
+  return jax.jit(lambda key: build_teacher(arch).init(key, x))
 
 
 def load_teacher_variables(

@@ -21,7 +21,6 @@ from absl import logging
 import jax
 
 from skrd4ad_jax import errors, faults
-from skrd4ad_jax.models import init_compile
 from skrd4ad_jax.training import checkpoints, evaluator, jobs, parallel, schedule
 from skrd4ad_jax.training.host import Preempted
 
@@ -47,7 +46,7 @@ class SlotStates:
     self.prefetcher, self.inputs, self.writers = prefetcher, inputs, writers
     self.evaluator = evaluate
     self._abstract_state = abstract_state
-    self._init = init_compile.jit_init(run.method.init)
+    self._init = jax.jit(run.method.init)
     self._fresh: dict[int, Any] = {}
     self._managers: dict[tuple[str, int], Any] = {}
     self.current: dict[int, schedule.Segment] = {}
