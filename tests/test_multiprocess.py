@@ -6,7 +6,7 @@ device each. Both have the same global mesh (2 devices, one slot each) and the
 same plan: brick (12 steps) on slot 0, grass (9) cut in two, its first 7 steps on
 slot 1 (process 1) and its last 2 on slot 0 (process 0) after a collective
 pause checkpoint, gravel (6) on slot 1. Each job must end with the same
-parameters and metrics as in the single process. About 3 minutes on 2 CPU cores.
+parameters and metrics as in the single process. About 2 minutes on 2 CPU cores.
 """
 
 import csv

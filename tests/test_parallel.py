@@ -6,10 +6,12 @@ when a process first touches JAX). The subprocesses run this file as a script
 (``python tests/test_parallel.py SPEC.json``); the work they do is in the
 ``_*_worker`` functions below, the assertions are in the tests.
 
-The model is the tiny config (one OCE block, one block per decoder stage) at
-batch 2 and 3 epochs: in the full suite on 2 CPU cores, with the other worker busy,
-the file takes about 7 minutes of one worker (equivalence ~2.5 min, category
-loops ~1.8, seeds ~1.6, the others ~40 s each). The workers share one persistent
+The model is the tiny config (the random resnet_micro teacher, one OCE block, one
+block per decoder stage) at batch 2 and 3 epochs; the category loops' step worker
+uses resnet18 with the same student layout, the model its statistics were
+measured on. In the full suite on 2 CPU cores, with the other worker busy, the
+file takes about 5.5 minutes of one worker (equivalence ~1.6 min, category loops
+~1.7, seeds ~1, the others ~35 s each). The workers share one persistent
 XLA compilation cache: programs with the same HLO (the single-category runs, the
 resume runs) compile once.
 
