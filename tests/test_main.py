@@ -13,7 +13,14 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, timeout=600, env=None):
+# What these runs check (an error named in one line, a NaN stop) does not depend on
+# the decoder (test_data_sources: both give the same arrays), and Pillow spares each
+# run TensorFlow's import (~3 s). The default decoder (tf.data) runs end to end in
+# the corrupt-image test below, test_runs and test_predict's folder run.
+PILLOW = {"SKRD4AD_DECODER": "pillow"}
+
+
+def run_main(*args, timeout=600, env=PILLOW):
   """Runs ``python -m skrd4ad_jax.main`` in a subprocess; returns (code, output)."""
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   proc = subprocess.run(
@@ -143,6 +150,7 @@ def test_corrupt_training_image_is_named_before_training(tiny_data, tmp_path):
     "--config=configs/tiny.py:brick",
     f"--config.data.root={tiny_data}",
     f"--workdir={tmp_path / 'run'}",
+    env={},  # the default decoder: tf.data names the file
   )
   assert code == 1
   assert "003.png" in out

@@ -42,12 +42,13 @@ def _test_paths(data_root, category=CATEGORY):
   return [s.image_path for s in folder.scan_category(data_root, category).test]
 
 
-def _run_cli(*args):
+def _run_cli(*args, **extra_env):
   env = dict(
     os.environ,
     PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     JAX_PLATFORMS="cpu",
     TF_CPP_MIN_LOG_LEVEL="2",
+    **extra_env,
   )
   return subprocess.run(
     [sys.executable, "-m", "skrd4ad_jax.predict", *args],
@@ -287,7 +288,13 @@ def test_cli_errors_are_one_clear_line(tiny_run, tmp_path, case):
     args["workdir"] = str(empty)
   elif case == "unknown_category":
     args["category"] = "carpet"
-  proc = _run_cli(*(f"--{k}={v}" for k, v in args.items()), f"--output={tmp_path / 'out'}")
+  # Each error comes before any image is decoded; Pillow spares the run TensorFlow's
+  # import (~3 s). The folder run above uses the default decoder, tf.data.
+  proc = _run_cli(
+    *(f"--{k}={v}" for k, v in args.items()),
+    f"--output={tmp_path / 'out'}",
+    SKRD4AD_DECODER="pillow",
+  )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]

@@ -54,6 +54,9 @@ def subprocess_env():
     PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     JAX_PLATFORMS="cpu",
     TF_CPP_MIN_LOG_LEVEL="3",
+    # Every run here stops with an error before any image is decoded: Pillow spares
+    # it TensorFlow's import (~3 s); the decoder is not what is checked.
+    SKRD4AD_DECODER="pillow",
   )
 
 
