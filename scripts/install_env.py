@@ -46,27 +46,31 @@ PIP_TO_UV = {
 
 
 def pip_config_args(python: str) -> list[str]:
-  """uv options for the indexes, find-links and constraints pip is configured with.
-
-  Parses ``pip config list``: lines ``section.key='value'`` (``:env:`` for
-  ``PIP_*`` variables, then ``global``, ``install``); pip's own precedence is
-  environment over ``install`` over ``global``, which the order below keeps by
-  taking, per key, the first section that sets it.
-  """
-  out = subprocess.run(
+  """uv options for the indexes, find-links and constraints ``python``'s pip is configured with."""
+  listing = subprocess.run(
     [python, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
   ).stdout
+  return uv_args_from_pip_config(listing)
+
+
+def uv_args_from_pip_config(listing: str) -> list[str]:
+  """uv options from the output of ``pip config list``.
+
+  Its lines are ``section.key='value'`` (section ``:env:`` for ``PIP_*``
+  variables, ``global``, ``install``); pip's precedence, environment over
+  ``install`` over ``global``, is kept by taking per key the first of these
+  sections that sets it. A value may list several items (``extra-index-url``).
+  """
   values: dict[str, dict[str, str]] = {}
-  for line in out.splitlines():
+  for line in listing.splitlines():
     name, sep, value = line.partition("=")
     section, _, key = name.rpartition(".")
     if sep and key in PIP_TO_UV:
       values.setdefault(key, {})[section] = value.strip().strip("'\"")
   args = []
   for key, option in PIP_TO_UV.items():
-    chosen = next(
-      (values[key][s] for s in (":env:", "install", "global") if s in values.get(key, {})), ""
-    )
+    sections = values.get(key, {})
+    chosen = next((sections[s] for s in (":env:", "install", "global") if s in sections), "")
     for item in shlex.split(chosen):
       args += [option, item]
   return args

@@ -193,3 +193,43 @@ def test_installed_wheel_trains_the_tiny_config_outside_the_tree(wheel, tmp_path
   # The published numbers beside ours: read from the installed package data.
   assert "# Results: mvtec_ad" in md and "Published numbers:" in md
   assert "(RD4AD published)" in md
+
+
+def _install_env():
+  """scripts/install_env.py as a module (make setup's installer)."""
+  import importlib.util
+
+  path = os.path.join(REPO, "scripts", "install_env.py")
+  spec = importlib.util.spec_from_file_location("install_env", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_setup_passes_pip_configuration_on_to_uv():
+  """uv reads no pip configuration: make setup hands on what `pip config list` shows."""
+  listing = "\n".join(
+    [
+      ":env:.default-timeout='180'",
+      ":env:.find-links='/opt/wheels'",
+      "global.find-links='/elsewhere'",  # the environment wins, as in pip
+      "global.extra-index-url='file:///a/simple file:///b/simple'",
+      "install.index-url='https://mirror.example/simple'",
+      "global.index-url='https://ignored.example/simple'",  # install wins over global
+      "global.constraint='/etc/pip/constraints.txt'",
+      "global.cert='/etc/ssl/certs/ca.crt'",  # not about where packages come from
+    ]
+  )
+  assert _install_env().uv_args_from_pip_config(listing) == [
+    "--index-url",
+    "https://mirror.example/simple",
+    "--extra-index-url",
+    "file:///a/simple",
+    "--extra-index-url",
+    "file:///b/simple",
+    "--find-links",
+    "/opt/wheels",
+    "--constraint",
+    "/etc/pip/constraints.txt",
+  ]
+  assert _install_env().uv_args_from_pip_config("") == []
