@@ -54,8 +54,8 @@ def subprocess_env():
     PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
     JAX_PLATFORMS="cpu",
     TF_CPP_MIN_LOG_LEVEL="3",
-    # Every run here stops with an error before any image is decoded: Pillow spares
-    # it TensorFlow's import (~3 s); the decoder is not what is checked.
+    # No subprocess here decodes an image (a run stops with an error first; the
+    # others do not train): Pillow spares each TensorFlow's import (~3 s).
     SKRD4AD_DECODER="pillow",
   )
 
