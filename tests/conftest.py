@@ -78,6 +78,11 @@ def pytest_unconfigure(config):
     shutil.rmtree(path, ignore_errors=True)
 
 
+# The environment of a run whose checks do not depend on the decoder: Pillow gives
+# tf.data's arrays (test_data_sources) without TensorFlow's import (~3 s a run).
+# Runs that must meet the default decoder, tf.data, leave it out.
+PILLOW = {"SKRD4AD_DECODER": "pillow"}
+
 TINY_CATEGORIES = ("brick", "grass")
 
 

@@ -8,19 +8,15 @@ import shutil
 import subprocess
 import sys
 
+from conftest import PILLOW
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # What these runs check (an error named in one line, a NaN stop) does not depend on
-# the decoder (test_data_sources: both give the same arrays), and Pillow spares a
-# run that stops before its TensorBoard writer TensorFlow's import (~3 s). The
-# default decoder (tf.data) runs in the corrupt-image test below, test_runs and
-# test_predict's folder run.
-PILLOW = {"SKRD4AD_DECODER": "pillow"}
-
-
+# the decoder. The default decoder (tf.data) runs in the corrupt-image test below,
+# test_runs and test_predict's folder run.
 def run_main(*args, timeout=600, env=PILLOW):
   """Runs ``python -m skrd4ad_jax.main`` in a subprocess; returns (code, output)."""
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import PILLOW
 import pytest
 
 from skrd4ad_jax.config import load_config
@@ -230,8 +231,8 @@ FAKE_MAIN = textwrap.dedent(
 
 
 def run_fake_main(error, tmp_path, *flags):
-  # The fake training reads no image: Pillow spares the run TensorFlow's import (~3 s).
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", SKRD4AD_DECODER="pillow")
+  # The fake training reads no image.
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", **PILLOW)
   workdir = tmp_path / "run"
   proc = subprocess.run(
     [

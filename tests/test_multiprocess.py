@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 
+from conftest import PILLOW
 import pytest
 import test_parallel as tp
 
@@ -77,7 +78,7 @@ def _run_two_processes(workdir, data_root, cache_dir, extra=()):
         ],
       ),
       cwd=REPO,
-      env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir, SKRD4AD_DECODER="pillow"),
+      env=tp.cpu_env(1, JAX_COMPILATION_CACHE_DIR=cache_dir, **PILLOW),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -112,7 +113,7 @@ def test_two_processes_equal_one_process(data_root, tmp_path):
   proc = subprocess.run(
     _command(single, data_root, ["--config.train.tensorboard=False"]),
     cwd=REPO,
-    env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir, SKRD4AD_DECODER="pillow"),
+    env=tp.cpu_env(2, JAX_COMPILATION_CACHE_DIR=cache_dir, **PILLOW),
     capture_output=True,
     text=True,
     timeout=600,

@@ -220,7 +220,8 @@ def test_setup_passes_pip_configuration_on_to_uv():
       "global.cert='/etc/ssl/certs/ca.crt'",  # not about where packages come from
     ]
   )
-  assert _install_env().uv_args_from_pip_config(listing) == [
+  translate = _install_env().uv_args_from_pip_config
+  assert translate(listing) == [
     "--index-url",
     "https://mirror.example/simple",
     "--extra-index-url",
@@ -232,4 +233,4 @@ def test_setup_passes_pip_configuration_on_to_uv():
     "--constraint",
     "/etc/pip/constraints.txt",
   ]
-  assert _install_env().uv_args_from_pip_config("") == []
+  assert translate("") == []

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zlib
 
+from conftest import PILLOW
 import numpy as np
 import pytest
 
@@ -288,12 +289,10 @@ def test_cli_errors_are_one_clear_line(tiny_run, tmp_path, case):
     args["workdir"] = str(empty)
   elif case == "unknown_category":
     args["category"] = "carpet"
-  # Each error comes before any image is decoded; Pillow spares the run TensorFlow's
-  # import (~3 s). The folder run above uses the default decoder, tf.data.
+  # Each error comes before any image is decoded. The folder run above uses the
+  # default decoder, tf.data.
   proc = _run_cli(
-    *(f"--{k}={v}" for k, v in args.items()),
-    f"--output={tmp_path / 'out'}",
-    SKRD4AD_DECODER="pillow",
+    *(f"--{k}={v}" for k, v in args.items()), f"--output={tmp_path / 'out'}", **PILLOW
   )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr

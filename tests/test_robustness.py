@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 
+from conftest import PILLOW
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,8 +56,8 @@ def subprocess_env():
     JAX_PLATFORMS="cpu",
     TF_CPP_MIN_LOG_LEVEL="3",
     # No subprocess here decodes an image (a run stops with an error first; the
-    # others do not train): Pillow spares each TensorFlow's import (~3 s).
-    SKRD4AD_DECODER="pillow",
+    # others do not train).
+    **PILLOW,
   )
 
 

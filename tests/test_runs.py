@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from conftest import PILLOW
 import numpy as np
 import pytest
 
@@ -75,9 +76,8 @@ def state_digest(workdir, job):
 
 
 # What the SIGTERM and evaluation-only tests check depends neither on the decoder
-# (test_data_sources: the same arrays) nor on TensorBoard; each costs a run a
-# TensorFlow import (~3.5 s). The demo test keeps the user's defaults.
-PILLOW = {"SKRD4AD_DECODER": "pillow"}
+# nor on TensorBoard; each costs a run a TensorFlow import (~3.5 s). The demo test
+# keeps the user's defaults.
 
 PREEMPT_STEPS = 300
 PREEMPT_FLAGS = [

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+from conftest import PILLOW
 import numpy as np
 import pytest
 
@@ -44,9 +45,8 @@ def env(**extra):
     TF_CPP_MIN_LOG_LEVEL="3",
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
-    # What survives does not depend on the decoder (test_data_sources: the same
-    # arrays); Pillow spares each of these ~50 runs tf.data's start (~2.5 s).
-    SKRD4AD_DECODER="pillow",
+    # What survives does not depend on the decoder.
+    **PILLOW,
     **extra,
   )
 
