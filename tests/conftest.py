@@ -51,6 +51,7 @@ def _cpu_only(environ) -> bool:
 
 
 def set_test_opt_level(environ=os.environ) -> None:
+  """Adds the suite's LLVM level to ``environ['XLA_FLAGS']`` (see above) where it applies."""
   level = environ.get(OPT_ENV, "1")
   flags = environ.get("XLA_FLAGS", "")
   if level == "default" or OPT_FLAG in flags or not _cpu_only(environ):
