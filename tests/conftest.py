@@ -13,7 +13,6 @@ run is made there once and reused while ``DIR/run/results.csv`` exists (delete
 """
 
 import fcntl
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -42,21 +41,15 @@ OPT_ENV = "SKRD4AD_TEST_XLA_OPT"
 OPT_FLAG = "--xla_backend_optimization_level"
 
 
-def _cpu_only(environ) -> bool:
-  """Whether JAX will run on the CPU only (no accelerator plugin, or JAX_PLATFORMS=cpu)."""
-  platforms = environ.get("JAX_PLATFORMS", "")
-  if platforms:
-    return platforms == "cpu"
-  return all(importlib.util.find_spec(m) is None for m in ("jax_plugins", "libtpu"))
+def set_test_opt_level() -> None:
+  """Adds the suite's LLVM level to ``XLA_FLAGS`` (see above) where it applies."""
+  from skrd4ad_jax import host_memory
 
-
-def set_test_opt_level(environ=os.environ) -> None:
-  """Adds the suite's LLVM level to ``environ['XLA_FLAGS']`` (see above) where it applies."""
-  level = environ.get(OPT_ENV, "1")
-  flags = environ.get("XLA_FLAGS", "")
-  if level == "default" or OPT_FLAG in flags or not _cpu_only(environ):
+  level = os.environ.get(OPT_ENV, "1")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if level == "default" or OPT_FLAG in flags or host_memory.accelerator_possible():
     return
-  environ["XLA_FLAGS"] = f"{flags} {OPT_FLAG}={level}".strip()
+  os.environ["XLA_FLAGS"] = f"{flags} {OPT_FLAG}={level}".strip()
 
 
 # Modules whose tests share a costly module-scoped fixture (a trained model, every
